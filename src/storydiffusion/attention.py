@@ -1,0 +1,284 @@
+"""Consistent Self-Attention (CSA) as a diffusers attention processor.
+
+Each image's keys and values are its own tokens plus tokens sampled (rate r) from the *other*
+images of the same character; queries stay its own. Sampled tokens are gathered by index — no
+(B*N)^2 mask — so `scaled_dot_product_attention` keeps its fused kernels, and the extra cost is
+the K/V factor `1 + r * (B - 1)`.
+
+This module holds the math (small pure functions) and the processor, which keeps settings only.
+All state — mode, step, random generator, banks — lives in the controller that the processor is
+handed (`storydiffusion.controller.ConsistentAttention`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import StoryDiffusionError
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
+
+    from .controller import ConsistentAttention
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CSASchedule:
+    """When CSA runs, as fractions of the denoising loop so 25- and 50-step runs behave alike.
+
+    Default = the public StoryDiffusion code at its 50 steps: step 0 plain, then each layer call
+    runs CSA with probability 0.7 until step 20 and 0.9 after.
+    """
+
+    plain_fraction: float = 0.02  # steps with step/num_steps < this run plain attention (1 of 50)
+    stages: tuple[tuple[float, float], ...] = ((0.4, 0.7), (1.0, 0.9))  # (until fraction, P(CSA))
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.plain_fraction <= 1.0:
+            raise StoryDiffusionError(f"CSASchedule.plain_fraction={self.plain_fraction} must be in [0, 1]")
+        for until, probability in self.stages:
+            if not (0.0 <= until <= 1.0 and 0.0 <= probability <= 1.0):
+                raise StoryDiffusionError(
+                    f"CSASchedule.stages entry ({until}, {probability}) must be (fraction in [0, 1], probability in [0, 1])"
+                )
+
+    def probability(self, step: int, num_steps: int) -> float:
+        """Probability that a layer runs CSA at `step` of `num_steps`."""
+        fraction = step / max(num_steps, 1)
+        if fraction < self.plain_fraction:
+            return 0.0
+        for until, probability in self.stages:
+            if fraction < until:
+                return probability
+        return self.stages[-1][1] if self.stages else 1.0
+
+    @classmethod
+    def always(cls) -> CSASchedule:
+        """CSA at every step and layer (no plain warm-up, no gating)."""
+        return cls(plain_fraction=0.0, stages=((1.0, 1.0),))
+
+
+@dataclass(frozen=True)
+class CSAConfig:
+    """Which self-attention layers run CSA, and how many tokens they borrow."""
+
+    # Sampling rate per resolution level, keyed by the level's downsampling factor relative to the
+    # latent (1 = full latent grid, 2 = half, ...); a float applies to every level. The public
+    # code's sa32/sa64 at 1024 px are the SDXL levels 4 and 2.
+    rate: float | Mapping[int, float] = 0.5
+    # Glob patterns over self-attention module names (`up_blocks.0.attentions.1.transformer_blocks.0.attn1`);
+    # the default is the public code's choice: decoder self-attention only.
+    layers: Sequence[str] = ("up_blocks.*",)
+    # Restrict to these resolution levels (downsampling factors); None keeps every matched level.
+    levels: Sequence[int] | None = None
+    schedule: CSASchedule = field(default_factory=CSASchedule)
+
+    def __post_init__(self) -> None:
+        rates = self.rate.values() if isinstance(self.rate, Mapping) else [self.rate]
+        for rate in rates:
+            if not (isinstance(rate, int | float) and 0.0 <= rate <= 1.0):
+                raise StoryDiffusionError(f"CSA rate {rate!r} is outside [0, 1]; use a fraction such as 0.5")
+        if isinstance(self.layers, str):
+            object.__setattr__(self, "layers", (self.layers,))
+
+    def rate_for(self, level: int) -> float:
+        if isinstance(self.rate, Mapping):
+            return float(self.rate.get(level, 0.0))
+        return float(self.rate)
+
+
+# --------------------------------------------------------------------------------------------
+# Token math: pure functions, testable without a UNet
+# --------------------------------------------------------------------------------------------
+def num_sampled_tokens(num_tokens: int, rate: float) -> int:
+    """Tokens each image lends to the others at sampling `rate`."""
+    return int(round(num_tokens * rate))
+
+
+def sample_token_indices(
+    num_images: int, num_tokens: int, num_samples: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """For each image, `num_samples` distinct token positions, sorted: (num_images, num_samples)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    scores = torch.rand(num_images, num_tokens, generator=generator, device=device)
+    return scores.topk(num_samples, dim=1).indices.sort(dim=1).values
+
+
+def other_images_index(num_images: int) -> torch.Tensor:
+    """Row i lists every image but i: (num_images, num_images - 1)."""
+    everyone = torch.arange(num_images).expand(num_images, num_images)
+    return everyone[~torch.eye(num_images, dtype=torch.bool)].view(num_images, num_images - 1)
+
+
+def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Pick tokens per image: (..., B, N, C) with indices (B, k) -> (..., B, k, C)."""
+    index = indices.to(tokens.device)[..., None].expand(*tokens.shape[:-2], -1, tokens.shape[-1])
+    return tokens.gather(-2, index)
+
+
+def borrow_from_others(sampled: torch.Tensor) -> torch.Tensor:
+    """What each image borrows: (..., B, k, C) sampled tokens -> (..., B, (B-1)*k, C), image i gets all j != i."""
+    num_images, num_samples = sampled.shape[-3], sampled.shape[-2]
+    borrowed = sampled[..., other_images_index(num_images).to(sampled.device), :, :]  # (..., B, B-1, k, C)
+    return borrowed.flatten(-3, -2) if num_images > 1 else sampled[..., :0, :]
+
+
+def split_guidance(x: torch.Tensor, guidance_halves: int) -> torch.Tensor:
+    """(halves * B, ...) -> (halves, B, ...): diffusers stacks [uncond; cond] along the batch."""
+    return x.view(guidance_halves, x.shape[0] // guidance_halves, *x.shape[1:])
+
+
+def merge_guidance(x: torch.Tensor) -> torch.Tensor:
+    """(halves, B, ...) -> (halves * B, ...)."""
+    return x.flatten(0, 1)
+
+
+def heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, tokens, heads * d) -> (batch, heads, tokens, d)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Processor
+# --------------------------------------------------------------------------------------------
+def layer_level(name: str, num_down_blocks: int) -> int:
+    """Downsampling factor of the attention layer `name` in a UNet2DConditionModel (1, 2, 4, ...)."""
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        return 2 ** int(parts[1])
+    if parts[0] == "up_blocks":
+        return 2 ** (num_down_blocks - 1 - int(parts[1]))
+    if parts[0] == "mid_block":
+        return 2 ** (num_down_blocks - 1)
+    raise StoryDiffusionError(f"cannot tell the resolution level of attention layer {name!r}")
+
+
+class ConsistentSelfAttnProcessor:
+    """Self-attention whose keys/values are extended with other images' tokens.
+
+    Holds settings only (layer name, resolution level, rate) plus the processor it replaced, which
+    runs every call that is not CSA — so CSA off, or gated off, is exactly the original computation.
+    """
+
+    def __init__(
+        self, name: str, level: int, rate: float, controller: ConsistentAttention, original: Any
+    ) -> None:
+        self.name = name
+        self.level = level
+        self.rate = rate
+        self.controller = controller
+        self.original = original
+
+    def __repr__(self) -> str:
+        return f"ConsistentSelfAttnProcessor(name={self.name!r}, level={self.level}, rate={self.rate})"
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or not self.controller.wants_csa(self.name):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if attention_mask is not None:
+            raise StoryDiffusionError(
+                f"layer {self.name}: Consistent Self-Attention does not take a self-attention mask; "
+                "drop the attention_mask argument or exclude this layer from CSAConfig.layers"
+            )
+
+        tokens = hidden_states
+        if attn.spatial_norm is not None:
+            tokens = attn.spatial_norm(tokens, temb)
+        if tokens.ndim == 4:
+            batch, channels, height, width = tokens.shape
+            tokens = tokens.view(batch, channels, height * width).transpose(1, 2)  # (batch, N, C)
+        if attn.group_norm is not None:
+            tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+
+        extension = self._extension(tokens)
+        if extension is None:  # nothing to borrow at this call: the original computation
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        out = consistent_attention(attn, tokens, *extension)  # (batch, N, C)
+
+        if hidden_states.ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+    def _extension(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        """What this call borrows, as `consistent_attention`'s (indices, bank_tokens); None for nothing."""
+        ctrl = self.controller
+        halves = ctrl.guidance_halves(tokens.shape[0])
+        per_half = split_guidance(tokens, halves)  # (halves, B, N, C)
+        num_images, num_tokens = per_half.shape[1], per_half.shape[2]
+        if ctrl.mode == "mutual":
+            num_samples = num_sampled_tokens(num_tokens, self.rate)
+            if num_samples == 0:
+                return None
+            indices = ctrl.sample_indices(num_images, num_tokens, num_samples)  # (B, k)
+            ctrl.write(self.name, gather_tokens(per_half, indices).flatten(1, 2))  # (halves, B*k, C)
+            if num_images < 2:
+                return None
+            return indices, None
+        bank_tokens = ctrl.read(self.name, halves, tokens.dtype, tokens.device)  # (halves, M, C)
+        if bank_tokens is None:
+            return None
+        return None, bank_tokens
+
+
+def consistent_attention(
+    attn: Attention, tokens: torch.Tensor, indices: torch.Tensor | None, bank_tokens: torch.Tensor | None
+) -> torch.Tensor:
+    """CSA for one layer call: `tokens` (halves*B, N, C) -> (halves*B, N, C), before the output's reshape.
+
+    Either `indices` (B, k) — mutual mode: image i also sees the tokens at `indices[j]` of every
+    other image j in its guidance half — or `bank_tokens` (halves, M, C) — read mode: every image
+    also sees the bank's tokens of its guidance half. Keys and values are projected once per token,
+    then gathered, so borrowed tokens cost no extra projection.
+    """
+    query = attn.to_q(tokens)
+    key = attn.to_k(tokens)
+    value = attn.to_v(tokens)
+    if indices is not None:
+        halves = tokens.shape[0] // indices.shape[0]
+        key_ext, value_ext = (
+            borrow_from_others(gather_tokens(split_guidance(t, halves), indices)) for t in (key, value)
+        )  # (halves, B, (B-1)*k, C)
+    else:
+        halves = bank_tokens.shape[0]
+        num_images = tokens.shape[0] // halves
+        key_ext, value_ext = (
+            t.unsqueeze(1).expand(-1, num_images, -1, -1) for t in (attn.to_k(bank_tokens), attn.to_v(bank_tokens))
+        )  # (halves, B, M, C)
+    key = torch.cat([split_guidance(key, halves), key_ext], dim=2)  # (halves, B, N + E, C)
+    value = torch.cat([split_guidance(value, halves), value_ext], dim=2)
+
+    heads = attn.heads
+    query = heads_first(query, heads)  # (halves*B, h, N, d)
+    key = heads_first(merge_guidance(key), heads)  # (halves*B, h, N + E, d)
+    value = heads_first(merge_guidance(value), heads)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
+    out = out.transpose(1, 2).flatten(2).to(query.dtype)  # (halves*B, N, h*d)
+    out = attn.to_out[0](out)
+    return attn.to_out[1](out)
+
+
+def kv_factor(rate: float, num_images: int) -> float:
+    """FLOP factor of CSA's K/V extension over plain attention: 1 + r * (B - 1)."""
+    return 1.0 + rate * (num_images - 1)

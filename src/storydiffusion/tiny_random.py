@@ -1,0 +1,119 @@
+"""Tiny randomly initialised SD1.5- and SDXL-layout pipelines, built from configs (no download).
+
+They have the real architectures' layouts (down/mid/up blocks, self- and cross-attention,
+classifier-free guidance, SDXL's two text encoders and added time ids) at toy sizes, so tests
+and the offline demo exercise the same code paths as real checkpoints. Their images are noise:
+the weights are random. The tokenizer is the real CLIP vocabulary shipped with the package.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TOKENIZER_DIR = files("storydiffusion") / "assets" / "clip_tokenizer"
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """The CLIP BPE tokenizer (49,408 tokens) shipped inside the package."""
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    if len(tokenizer) != 49408:  # offline loading can silently give an empty vocabulary
+        raise RuntimeError(f"the packaged CLIP tokenizer at {TOKENIZER_DIR} loaded {len(tokenizer)} tokens, not 49408")
+    return tokenizer
+
+
+def _text_config(hidden_size: int, projection_dim: int = 32) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """SD1.5 layout: CrossAttn down blocks at levels 1 and 2, cross-attention mid block, 32-dim text."""
+    torch.manual_seed(seed)  # weight init only; never used for sampling
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(32)),
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL layout: two text encoders, text_time added conditioning, no attention at the full level."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + 32 pooled text
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+    tokenizer = clip_tokenizer()
+    return StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(32)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(32, projection_dim=32)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading"
+        ),
+        force_zeros_for_empty_prompt=True,
+    )
