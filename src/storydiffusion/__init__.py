@@ -1,6 +1,6 @@
 """storydiffusion: consistent characters across story panels, on diffusers."""
 
-from .attention import CSAConfig, CSASchedule, ConsistentSelfAttnProcessor
+from .attention import ConsistentSelfAttnProcessor, CSAConfig, CSASchedule
 from .bank import BankSettings, IdentityBank
 from .controller import ConsistentAttention
 from .errors import BankMismatchError, StoryDiffusionError

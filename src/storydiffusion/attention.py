@@ -47,7 +47,8 @@ class CSASchedule:
         for until, probability in self.stages:
             if not (0.0 <= until <= 1.0 and 0.0 <= probability <= 1.0):
                 raise StoryDiffusionError(
-                    f"CSASchedule.stages entry ({until}, {probability}) must be (fraction in [0, 1], probability in [0, 1])"
+                    f"CSASchedule.stages entry ({until}, {probability}) must be "
+                    "(until fraction in [0, 1], probability in [0, 1])"
                 )
 
     def probability(self, step: int, num_steps: int) -> float:
@@ -126,7 +127,7 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 def borrow_from_others(sampled: torch.Tensor) -> torch.Tensor:
     """What each image borrows: (..., B, k, C) sampled tokens -> (..., B, (B-1)*k, C), image i gets all j != i."""
-    num_images, num_samples = sampled.shape[-3], sampled.shape[-2]
+    num_images = sampled.shape[-3]
     borrowed = sampled[..., other_images_index(num_images).to(sampled.device), :, :]  # (..., B, B-1, k, C)
     return borrowed.flatten(-3, -2) if num_images > 1 else sampled[..., :0, :]
 
@@ -168,9 +169,7 @@ class ConsistentSelfAttnProcessor:
     runs every call that is not CSA — so CSA off, or gated off, is exactly the original computation.
     """
 
-    def __init__(
-        self, name: str, level: int, rate: float, controller: ConsistentAttention, original: Any
-    ) -> None:
+    def __init__(self, name: str, level: int, rate: float, controller: ConsistentAttention, original: Any) -> None:
         self.name = name
         self.level = level
         self.rate = rate

@@ -122,10 +122,12 @@ class IdentityBank:
         key = _entry_key(step, layer)
         if self.storage_dtype == "int8":
             values, scale = quantize_int8(tokens.detach())
-            self._scales[key] = scale.to(self.device, non_blocking=True)
+            self._scales[key] = scale.to(self.device)
         else:
             values = tokens.detach().to(getattr(torch, self.storage_dtype))
-        self._values[key] = values.to(self.device, non_blocking=True)
+        # quantised on the compute device, then moved: a blocking copy, since an asynchronous
+        # device-to-host copy into pageable memory could be read before it lands
+        self._values[key] = values.to(self.device)
 
     def get(
         self, step: int, layer: str, dtype: torch.dtype, device: torch.device, guidance_halves: int

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from .attention import CSAConfig, ConsistentSelfAttnProcessor, layer_level, sample_token_indices
+from .attention import ConsistentSelfAttnProcessor, CSAConfig, layer_level, sample_token_indices
 from .bank import IdentityBank
 from .errors import StoryDiffusionError
 

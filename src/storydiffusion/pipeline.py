@@ -283,9 +283,10 @@ class StoryPipeline:
             **pipeline_kwargs,
         )
 
-        with self.csa.installed(self.pipe.unet), tqdm(
-            total=len(resolved), desc="frames", unit="frame", disable=not progress
-        ) as bar:
+        with (
+            self.csa.installed(self.pipe.unet),
+            tqdm(total=len(resolved), desc="frames", unit="frame", disable=not progress) as bar,
+        ):
             # 3. Reference phase: each character's references together, mutual CSA, bank written
             character_order = list(characters)
             for name, indices in references.items():
