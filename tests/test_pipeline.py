@@ -194,3 +194,24 @@ def test_from_pretrained_loads_a_saved_folder(sd_pipe, tmp_path):
     direct = run(sd_pipe, seed=1)
     assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(reloaded.images, direct.images))
     assert reloaded.banks["Bob"].settings.model == str(tmp_path / "tiny")
+
+
+def test_skip_frames_and_callbacks_support_resuming(sd_pipe):
+    story = StoryPipeline(sd_pipe, ALWAYS)
+    full = story(CHARACTERS, STORY, seed=2, **RUN)
+    seen_frames, seen_banks = [], []
+    partial = story(
+        CHARACTERS,
+        STORY,
+        seed=2,
+        skip_frames={0, 1, 2, 3, 5},
+        on_frame=lambda info, image: seen_frames.append(info.index),
+        on_bank=lambda name, bank: seen_banks.append(name),
+        **RUN,
+    )
+    # frames 4 (Bob and Ann) and 6 (Bob) need both banks: both reference phases rerun, identically
+    assert sorted(seen_frames) == [0, 1, 2, 3, 4, 6] and seen_banks == ["Bob", "Ann"]
+    assert partial.images[5] is None
+    assert all(np.array_equal(partial.images[i], full.images[i]) for i in (0, 1, 2, 3, 4, 6))
+    only_street = story(CHARACTERS, STORY, seed=2, skip_frames={0, 1, 2, 3, 4, 6}, **RUN)
+    assert only_street.banks == {} and np.array_equal(only_street.images[5], full.images[5])

@@ -17,7 +17,7 @@ import copy
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ from .attention import CSAConfig
 from .bank import STORAGE_DTYPES, BankSettings, IdentityBank
 from .controller import ConsistentAttention, select_layers
 from .errors import StoryDiffusionError
+from .prompts import encode_long_prompts, needs_chunking
 
 NO_CHARACTER_TAG = "NC"
 _TAG = re.compile(r"\[([^\[\]]+)\]")
@@ -37,7 +38,8 @@ _TAG = re.compile(r"\[([^\[\]]+)\]")
 _RESERVED_KWARGS = {
     "prompt", "negative_prompt", "generator", "callback_on_step_end", "num_images_per_prompt",
     "latents", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps",
-    "guidance_scale", "output_type", "timesteps", "sigmas",
+    "guidance_scale", "output_type", "timesteps", "sigmas", "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
 }  # fmt: skip
 
 
@@ -236,6 +238,9 @@ class StoryPipeline:
         frame_batch_size: int = 1,
         output_type: str = "pil",
         progress: bool = True,
+        skip_frames: Collection[int] = (),
+        on_frame: Callable[[FrameInfo, Any], None] | None = None,
+        on_bank: Callable[[str, IdentityBank], None] | None = None,
         **pipeline_kwargs: Any,
     ) -> StoryPipelineOutput:
         """Generate every frame of a story.
@@ -248,6 +253,10 @@ class StoryPipeline:
                 the public code's consistency prior); token sampling from seeds derived from it.
             banks: saved characters to reuse (`IdentityBank.load`); they skip the reference phase.
             frame_batch_size: frames naming the same characters generated together in the frame phase.
+            skip_frames: frames not to generate (e.g. already on disk when resuming); their images are
+                None. A character's reference frames still run when a frame that is generated needs its bank.
+            on_frame: called with (FrameInfo, image) as soon as each frame is done — write it out there.
+            on_bank: called with (name, bank) as soon as a character's reference phase is done.
             pipeline_kwargs: passed on to the wrapped pipeline (e.g. `guidance_rescale`).
         """
         # 1. Check inputs
@@ -259,8 +268,14 @@ class StoryPipeline:
         for bank in banks.values():
             bank.check_compatible(settings)
 
-        # 2. Pick each new character's reference frames
-        references = self._reference_frames(resolved, id_length, exclude=set(banks))
+        # 2. Pick the reference frames of each character that a frame to generate needs
+        todo = [i for i in range(len(resolved)) if i not in set(skip_frames)]
+        needed = {name for i in todo for name in resolved[i].characters}
+        references = {
+            name: indices
+            for name, indices in self._reference_frames(resolved, id_length, exclude=set(banks)).items()
+            if name in needed
+        }
         reference_of = {index: name for name, indices in references.items() for index in indices}
         infos = [
             FrameInfo(
@@ -293,15 +308,18 @@ class StoryPipeline:
                 bank = IdentityBank(name, settings, self.bank_dtype, self.bank_device)
                 sampler = torch.Generator().manual_seed(derived_seed(seed, 1, character_order.index(name)))
                 self.csa.begin_mutual(settings.num_steps, len(indices), sampler, bank)
-                self._generate(indices, infos, images, common)
+                self._generate(indices, infos, images, common, on_frame)
                 banks[name] = bank
+                if on_bank is not None:
+                    on_bank(name, bank)
                 bar.update(len(indices))
 
             # 4. Frame phase: the rest, reading the banks of the characters they name
-            for indices in self._frame_batches(infos, reference_of, frame_batch_size):
+            rest = [infos[i] for i in todo if i not in reference_of]
+            for indices in self._frame_batches(rest, frame_batch_size):
                 named = infos[indices[0]].characters
                 self.csa.begin_read(settings.num_steps, len(indices), [banks[name] for name in named])
-                self._generate(indices, infos, images, common)
+                self._generate(indices, infos, images, common, on_frame)
                 bar.update(len(indices))
             self.csa.end()
 
@@ -325,23 +343,36 @@ class StoryPipeline:
         return references
 
     @staticmethod
-    def _frame_batches(infos: Sequence[FrameInfo], reference_of: Mapping[int, str], size: int) -> list[list[int]]:
-        """Non-reference frames grouped by the characters they name, in chunks of `size`."""
+    def _frame_batches(infos: Sequence[FrameInfo], size: int) -> list[list[int]]:
+        """Frames grouped by the characters they name, in chunks of `size`."""
         groups: dict[tuple[str, ...], list[int]] = {}
         for info in infos:
-            if info.index not in reference_of:
-                groups.setdefault(info.characters, []).append(info.index)
+            groups.setdefault(info.characters, []).append(info.index)
         return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
-    def _generate(self, indices: Sequence[int], infos: Sequence[FrameInfo], images: list, common: dict) -> None:
+    def _generate(
+        self,
+        indices: Sequence[int],
+        infos: Sequence[FrameInfo],
+        images: list,
+        common: dict,
+        on_frame: Callable[[FrameInfo, Any], None] | None,
+    ) -> None:
         """One call of the wrapped pipeline for frames `indices`; images land in `images`."""
+        prompts = [infos[i].prompt for i in indices]
         negatives = [infos[i].negative_prompt for i in indices]
+        negatives = negatives if any(negatives) else None  # None: SDXL's zeroed negative embedding
+        if needs_chunking(self.pipe, [*prompts, *(negatives or [])]):
+            text = encode_long_prompts(self.pipe, prompts, negatives)  # no silent cut at 77 tokens
+        else:
+            text = {"prompt": prompts, "negative_prompt": negatives}
         result = self.pipe(
-            prompt=[infos[i].prompt for i in indices],
-            negative_prompt=negatives if any(negatives) else None,  # None: SDXL's zeroed negative embedding
+            **text,
             generator=[torch.Generator().manual_seed(infos[i].seed) for i in indices],
             callback_on_step_end=self.csa.step_callback,
             **common,
         )
         for slot, image in zip(indices, result.images):
             images[slot] = image
+            if on_frame is not None:
+                on_frame(infos[slot], image)
