@@ -28,13 +28,19 @@ treated as input (the public code built it once per step for all layers), not ti
 
 How
 ---
-- Time: all four variants in this process under `torch.no_grad()`, torch's default threads; warm-up
-  calls, then repeats interleaved round-robin (so drift hits every variant alike); the median is reported.
+- Time: all four variants in this process under `torch.no_grad()`, torch's default threads; untimed
+  warm-up rounds (the first one's outputs feed the correctness check), then timed repeats interleaved
+  round-robin so drift hits every variant alike; the median is reported. Full run: 2 warm-up rounds and 7 timed
+  calls of each variant; --quick: 1 warm-up round and 2 timed calls (1 of ``official_math``, seconds a call).
+  The ``time_vs_*`` ratios are medians of per-round ratios (ours over the baseline timed in the same round),
+  which a load that comes and goes between rounds biases far less than a ratio of medians would.
 - Peak memory above baseline: each variant in its own fresh subprocess (this script re-invoked with the
   hidden ``--_measure VARIANT`` flag), which builds the inputs, records its baseline, runs the variant
-  once and reports the rise. On CPU the peak is the resident-set high-water mark: Linux's VmHWM after
-  resetting it through /proc/self/clear_refs (ru_maxrss cannot be reset and inherits the import-time and
-  parent's peaks), falling back to `resource.getrusage` ru_maxrss where that reset is unavailable. On
+  once and reports the rise. The subprocesses run while this process warms up, never while it times;
+  --quick measures only ``ours`` and ``official_math`` (the two the targets need), side by side.
+  On CPU the peak is the resident-set high-water mark: Linux's VmHWM after resetting it through
+  /proc/self/clear_refs (ru_maxrss cannot be reset, so it keeps the import-time peak and, on Linux, the
+  spawning parent's), falling back to `resource.getrusage` ru_maxrss where that reset is unavailable. On
   CUDA it is `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus the allocated baseline.
 - Identity-bank size per character and per reference denoising step, averaged over a 50-step run at the
   real SDXL decoder layout (up_blocks.0: 3 attentions x 10 layers, 1280 channels, (H/32)^2 tokens;
@@ -55,14 +61,17 @@ import ctypes
 import gc
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,10 +112,6 @@ class Case:
     bool_mask: torch.Tensor  # (B * N, B * N), True = may attend
     additive_mask: torch.Tensor  # (B * N, B * N), 0 where allowed, dtype's min elsewhere
 
-    @property
-    def num_tokens(self) -> int:
-        return self.hidden.shape[1]
-
 
 def mutual_controller(rate: float, num_images: int, generator: torch.Generator) -> ConsistentAttention:
     """A controller in mutual mode for one stand-alone layer with CSA gated on and no bank.
@@ -114,7 +119,6 @@ def mutual_controller(rate: float, num_images: int, generator: torch.Generator) 
     This is the state `ConsistentAttention.begin_mutual` sets up, minus installing on a UNet.
     """
     controller = ConsistentAttention(CSAConfig(rate=rate, schedule=CSASchedule.always()))
-    controller.layers = {LAYER: 2}
     controller.mode, controller.num_steps, controller.images_per_call = "mutual", 1, num_images
     controller.generator = generator
     controller.gates = {LAYER: [True]}
@@ -206,16 +210,22 @@ RUNNERS: dict[str, Callable[[Case], torch.Tensor]] = {
 # --------------------------------------------------------------------------------------------
 # Correctness guard and timing
 # --------------------------------------------------------------------------------------------
-def check_agreement(case: Case, dtype: torch.dtype) -> dict[str, float]:
-    """Assert that ours, dense_sdpa and official_math agree on the same sampled indices; return max abs diffs."""
+def warm_up_and_check(case: Case, device: torch.device, dtype: torch.dtype, rounds: int) -> dict[str, float]:
+    """Untimed warm-up rounds of every variant; the first round's outputs feed the correctness guard.
+
+    Asserts that ours, dense_sdpa and official_math agree on the same sampled indices; returns max abs diffs.
+    """
     with torch.no_grad():
-        ours = run_ours(case).float()
-        diffs = {
-            name: (RUNNERS[name](case).float() - ours).abs().max().item() for name in ("dense_sdpa", "official_math")
-        }
+        outputs = {name: RUNNERS[name](case).float() for name in VARIANTS}
+        for _ in range(rounds - 1):
+            for name in VARIANTS:
+                RUNNERS[name](case)
+        synchronize(device)
+    ours = outputs["ours"]
+    diffs = {name: (outputs[name] - ours).abs().max().item() for name in ("dense_sdpa", "official_math")}
     tolerance = (1e-4 if dtype == torch.float32 else 1e-2) * max(1.0, ours.abs().max().item())
     for name, diff in diffs.items():
-        print(f"  check: max |ours - {name}| = {diff:.3g} (tolerance {tolerance:.3g})", flush=True)
+        print(f"check: max |ours - {name}| = {diff:.3g} (tolerance {tolerance:.3g})", flush=True)
         assert diff <= tolerance, f"ours and {name} disagree: max abs diff {diff:.3g} > {tolerance:.3g}"
     return diffs
 
@@ -225,23 +235,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_variants(case: Case, device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median ms per layer call of every variant; warm-ups first, then repeats interleaved round-robin."""
+def time_variants(case: Case, device: torch.device, repeats: dict[str, int]) -> dict[str, list[float]]:
+    """ms per layer call of each variant (after `warm_up_and_check`): repeats interleaved round-robin."""
     samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
     with torch.no_grad():
-        for _ in range(warmup):
-            for name in VARIANTS:
-                RUNNERS[name](case)
-        synchronize(device)
-        for repeat in range(repeats):
-            for name in VARIANTS:
+        for repeat in range(max(repeats.values())):
+            due = [name for name in VARIANTS if repeat < repeats[name]]
+            for name in due:
                 gc.collect()
                 start = time.perf_counter()
                 RUNNERS[name](case)
                 synchronize(device)
                 samples[name].append((time.perf_counter() - start) * 1e3)
-            print(f"  repeat {repeat + 1}/{repeats}: " + ", ".join(f"{n} {samples[n][-1]:.0f} ms" for n in VARIANTS))
-    return {name: statistics.median(values) for name, values in samples.items()}
+            print(f"  repeat {repeat + 1}: " + ", ".join(f"{n} {samples[n][-1]:.0f} ms" for n in due), flush=True)
+    return samples
+
+
+def paired_ratio(samples: dict[str, list[float]], name: str, baseline: str) -> float:
+    """Median over rounds of ms[name] / ms[baseline] within the same round: robust to load that drifts."""
+    rounds = zip(samples[name], samples[baseline])
+    return statistics.median(mine / theirs for mine, theirs in rounds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +265,21 @@ def _proc_status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise OSError(f"/proc/self/status has no {field}")
+
+
+def _keep_freed_memory_for_reuse() -> None:
+    """Have glibc keep freed buffers (up to 256 MiB each) for reuse instead of unmapping them.
+
+    Only speeds up the bank fill's ~1,400 same-sized temporaries where page faults are slow (VMs);
+    called after all timing, in this process only, and it changes no byte the bank counts.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 256 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def _release_free_memory() -> None:
@@ -311,7 +339,18 @@ def sdxl_decoder_csa_layers(height: int) -> dict[str, tuple[int, int, int]]:
     return layers
 
 
-def bank_figures(height: int, device: torch.device) -> dict[str, float]:
+@dataclass
+class BankFigures:
+    bytes_per_ref_step: float  # ours: a default IdentityBank's bytes over the run / steps
+    official_bytes_per_ref_step: int  # the public code: fp16, every CSA layer at every step
+    accelerator_bytes_per_ref_step: float  # the part of ours held on a non-CPU device
+    entries: int  # (step, layer) pairs the schedule gated on
+    entry_fraction: float  # entries / (layers * steps)
+    storage: str
+    device: str
+
+
+def bank_figures(height: int, device: torch.device) -> BankFigures:
     """Bytes per character per reference step: ours (a real default IdentityBank) and the public code's."""
     layers = sdxl_decoder_csa_layers(height)
     fp16_bytes = 2
@@ -349,15 +388,15 @@ def bank_figures(height: int, device: torch.device) -> dict[str, float]:
             by_device[where] = by_device.get(where, 0) + size
         bank.reset()  # one layer at a time keeps memory low
     accelerator = sum(size for where, size in by_device.items() if not where.startswith("cpu"))
-    return {
-        "bank_bytes_per_ref_step": total / NUM_STEPS,
-        "official_bank_bytes_per_ref_step": official,  # every layer at every step, so already per step
-        "bank_accelerator_bytes_per_ref_step": accelerator / NUM_STEPS,
-        "bank_entries": entries,
-        "bank_entry_fraction": entries / (len(layers) * NUM_STEPS),
-        "bank_storage": bank.storage_dtype,
-        "bank_device": str(bank.device),
-    }
+    return BankFigures(
+        bytes_per_ref_step=total / NUM_STEPS,
+        official_bytes_per_ref_step=official,  # every layer at every step, so already per step
+        accelerator_bytes_per_ref_step=accelerator / NUM_STEPS,
+        entries=entries,
+        entry_fraction=entries / (len(layers) * NUM_STEPS),
+        storage=bank.storage_dtype,
+        device=str(bank.device),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,10 +416,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ratio(numerator: float, denominator: float) -> float | None:
-    return numerator / denominator if denominator else None
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -390,7 +425,15 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     began = time.perf_counter()
-    warmup, repeats = (1, 2) if args.quick else (2, 7)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: 1-minute load average is {load:.1f} before starting; timings may be noisy", flush=True)
+    # Warm-up rounds, then timed calls per variant; --quick times the slowest baseline once (each of its
+    # calls takes several seconds on a 2-core CPU) to stay within a minute.
+    warmup = 1 if args.quick else 2
+    repeats = {name: 2 if args.quick else 7 for name in VARIANTS}
+    if args.quick:
+        repeats["official_math"] = 1
     num_tokens, factor = (args.height // 16) ** 2, kv_factor(RATE, REFERENCE_IMAGES)
     print(
         f"CSA layer benchmark on {device} ({dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads): "
@@ -399,37 +442,45 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
 
-    # Memory first, while this process is still small (a child inherits nothing it has to subtract).
-    measured = VARIANTS if not args.quick else ("ours", "official_math")
-    peaks: dict[str, int] = {}
-    for name in measured:
-        report = peak_in_subprocess(name, args.height, args.device)
-        peaks[name] = int(report["peak_bytes"])
-        print(f"peak memory {name:>13}: {peaks[name] / 2**20:9.1f} MiB above baseline ({report['method']})", flush=True)
+    # Memory: one fresh subprocess per variant, run in the background while this process warms up (which
+    # is untimed); --quick runs the subprocesses side by side, the full run one at a time to spare RAM.
+    measured = ("ours", "official_math") if args.quick else VARIANTS
+    with ThreadPoolExecutor(max_workers=len(measured) if args.quick else 1) as pool:
+        reports = {name: pool.submit(peak_in_subprocess, name, args.height, args.device) for name in measured}
+        case = build_case(args.height, device, dtype)
+        print(f"warm-up: {warmup} round(s) of every variant [{time.perf_counter() - began:.0f} s]", flush=True)
+        diffs = warm_up_and_check(case, device, dtype, warmup)
+        peaks: dict[str, int] = {}
+        for name, report in reports.items():
+            peaks[name], method = int(report.result()["peak_bytes"]), str(report.result()["method"])
+            print(f"peak memory {name:>13}: {peaks[name] / 2**20:9.1f} MiB above baseline ({method})", flush=True)
 
-    case = build_case(args.height, device, dtype)
-    diffs = check_agreement(case, dtype)
-    print(f"timing: {warmup} warm-up + {repeats} repeats per variant, interleaved", flush=True)
-    ms = time_variants(case, device, warmup, repeats)
+    counts = ", ".join(f"{name} {count}" for name, count in repeats.items())
+    print(f"timing: timed calls per variant, interleaved: {counts} [{time.perf_counter() - began:.0f} s]", flush=True)
+    samples = time_variants(case, device, repeats)
+    ms = {name: statistics.median(values) for name, values in samples.items()}
     for name in VARIANTS:
         print(f"time {name:>13}: {ms[name]:9.1f} ms (median)", flush=True)
     del case
-    gc.collect()
+    _release_free_memory()
 
+    elapsed = time.perf_counter() - began
+    print(f"bank: filling a default IdentityBank over {NUM_STEPS} steps [{elapsed:.0f} s]", flush=True)
+    _keep_freed_memory_for_reuse()
     bank = bank_figures(args.height, device)
     print(
-        f"bank per character per reference step: ours {bank['bank_bytes_per_ref_step'] / 2**20:.1f} MiB "
-        f"({bank['bank_storage']} on {bank['bank_device']}, {bank['bank_entries']} entries, "
-        f"{bank['bank_entry_fraction']:.0%} of layer-steps), public code "
-        f"{bank['official_bank_bytes_per_ref_step'] / 2**20:.1f} MiB (fp16, every layer-step)",
+        f"bank per character per reference step: ours {bank.bytes_per_ref_step / 2**20:.1f} MiB "
+        f"({bank.storage} on {bank.device}, {bank.entries} entries = {bank.entry_fraction:.0%} of layer-steps), "
+        f"public code {bank.official_bytes_per_ref_step / 2**20:.1f} MiB (fp16, every layer-step)",
         flush=True,
     )
 
-    result: dict[str, object] = {
+    result: dict[str, Any] = {
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "load_avg_at_start": round(load, 2),
         "height": args.height,
         "tokens": num_tokens,
         "channels": CHANNELS,
@@ -443,21 +494,22 @@ def main(argv: list[str] | None = None) -> None:
         "ms_vanilla": ms["vanilla"],
         "ms_dense_sdpa": ms["dense_sdpa"],
         "ms_official_math": ms["official_math"],
-        "time_vs_vanilla": ratio(ms["ours"], ms["vanilla"]),
-        "time_vs_dense": ratio(ms["ours"], ms["dense_sdpa"]),
-        "time_vs_official": ratio(ms["ours"], ms["official_math"]),
+        "time_vs_vanilla": paired_ratio(samples, "ours", "vanilla"),
+        "time_vs_dense": paired_ratio(samples, "ours", "dense_sdpa"),
+        "time_vs_official": paired_ratio(samples, "ours", "official_math"),
         "max_abs_diff_dense_sdpa": diffs["dense_sdpa"],
         "max_abs_diff_official_math": diffs["official_math"],
         "peak_mem_ours_bytes": peaks["ours"],
         "peak_mem_vanilla_bytes": peaks.get("vanilla"),
         "peak_mem_dense_sdpa_bytes": peaks.get("dense_sdpa"),
         "peak_mem_official_bytes": peaks["official_math"],
-        "peak_mem_vs_official": ratio(peaks["ours"], peaks["official_math"]),
-        "bank_bytes_per_ref_step": bank["bank_bytes_per_ref_step"],
-        "official_bank_bytes_per_ref_step": bank["official_bank_bytes_per_ref_step"],
-        "bank_vs_official": ratio(bank["bank_bytes_per_ref_step"], bank["official_bank_bytes_per_ref_step"]),
-        "bank_accelerator_bytes_per_ref_step": bank["bank_accelerator_bytes_per_ref_step"],
-        "bank_entry_fraction": bank["bank_entry_fraction"],
+        "peak_mem_vs_official": peaks["ours"] / peaks["official_math"],
+        "peak_mem_method": method,
+        "bank_bytes_per_ref_step": bank.bytes_per_ref_step,
+        "official_bank_bytes_per_ref_step": bank.official_bytes_per_ref_step,
+        "bank_vs_official": bank.bytes_per_ref_step / bank.official_bytes_per_ref_step,
+        "bank_accelerator_bytes_per_ref_step": bank.accelerator_bytes_per_ref_step,
+        "bank_entry_fraction": bank.entry_fraction,
         "quick": args.quick,
     }
     result["targets"] = {

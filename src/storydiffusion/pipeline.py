@@ -97,6 +97,11 @@ def derived_seed(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+def frame_seed(seed: int, index: int, same_initial_noise: bool = False) -> int:
+    """Seed of frame `index`'s initial noise."""
+    return seed if same_initial_noise else seed + index
+
+
 def unet_fingerprint(unet: Any) -> str:
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -273,7 +278,7 @@ class StoryPipeline:
         needed = {name for i in todo for name in resolved[i].characters}
         references = {
             name: indices
-            for name, indices in self._reference_frames(resolved, id_length, exclude=set(banks)).items()
+            for name, indices in self.reference_frames(resolved, id_length, exclude=set(banks)).items()
             if name in needed
         }
         reference_of = {index: name for name, indices in references.items() for index in indices}
@@ -282,7 +287,7 @@ class StoryPipeline:
                 index=i,
                 prompt=frame.prompt,
                 negative_prompt=negative_prompt if frame.negative_prompt is None else frame.negative_prompt,
-                seed=seed if same_initial_noise else seed + i,
+                seed=frame_seed(seed, i, same_initial_noise),
                 characters=frame.characters,
                 role="reference" if i in reference_of else "frame",
             )
@@ -327,7 +332,7 @@ class StoryPipeline:
 
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod
-    def _reference_frames(frames: Sequence[Frame], id_length: int, exclude: set[str]) -> dict[str, list[int]]:
+    def reference_frames(frames: Sequence[Frame], id_length: int, exclude: set[str]) -> dict[str, list[int]]:
         """Per named character (not in `exclude`), its first `id_length` frames that show it alone."""
         references: dict[str, list[int]] = {}
         for name in dict.fromkeys(n for f in frames for n in f.characters):

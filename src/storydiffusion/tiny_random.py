@@ -48,11 +48,11 @@ def _text_config(hidden_size: int, projection_dim: int = 32) -> CLIPTextConfig:
 
 def _vae() -> AutoencoderKL:
     return AutoencoderKL(
-        block_out_channels=(16, 32),
+        block_out_channels=(16, 32, 32),  # 3 blocks: 4x downsampling (real SD VAEs: 8x)
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,

@@ -1,0 +1,315 @@
+"""A story run on disk: load the model, generate the panels, write everything, resume when re-run.
+
+The output folder holds each panel as PNG (prompt, negative prompt, seed, model and CSA settings
+in PNG text chunks), the characters' identity banks, `manifest.json`, and the comic pages + PDF.
+Every file is written through a temporary name and the manifest is updated after every panel, so
+an interrupted run loses at most the panel in flight. Re-running the same story into the same
+folder skips the panels already there; a changed setting is reported instead of mixing panels
+made under different settings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .attention import CSAConfig
+from .bank import IdentityBank
+from .comic import ComicLayout, make_comic, save_comic
+from .errors import StoryDiffusionError
+from .files import write_atomically
+from .pipeline import FrameInfo, StoryPipeline, frame_seed
+from .story import Story
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "storydiffusion.run"
+TINY_RANDOM = "tiny-random"  # built-in untrained SD1.5-layout model, for offline smoke runs
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class RunOptions:
+    """How to run a story (what to run is the `Story` and its settings)."""
+
+    model: str = TINY_RANDOM  # hub id, local folder, or "tiny-random"; a story's own `model` wins unless overridden
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    dtype: str = "auto"  # auto: float16 on a GPU, float32 on the CPU
+    cpu_offload: bool = False  # diffusers' model CPU offload (the GPU holds one component at a time)
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    bank_dtype: str = "int8"
+    layout: ComicLayout = field(default_factory=ComicLayout)
+    overwrite: bool = False  # ignore what the folder holds instead of resuming
+    progress: bool = True
+
+
+@dataclass
+class RunResult:
+    out: Path
+    panels: list[Path]
+    generated: list[int]  # panel indices made by this run
+    skipped: list[int]  # panel indices already on disk
+    pages: list[Path]
+    pdf: Path
+    banks: dict[str, Path]
+
+
+# -- model loading -------------------------------------------------------------------------------
+def pick_device(device: str) -> str:
+    import torch
+
+    if device not in DEVICES:
+        raise StoryDiffusionError(f"--device {device!r} is not one of {DEVICES}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StoryDiffusionError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise StoryDiffusionError("--device mps: Apple's MPS backend is not available; use --device cpu")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype not in DTYPES:
+        raise StoryDiffusionError(f"--dtype {dtype!r} is not one of {DTYPES}")
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.float16
+    return getattr(torch, dtype)
+
+
+def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) -> StoryPipeline:
+    """The model as a StoryPipeline on the chosen device, with the chosen memory options."""
+    import torch
+
+    device = pick_device(options.device)
+    dtype = pick_dtype(options.dtype, device)
+    if model == TINY_RANDOM:
+        from .tiny_random import tiny_sd_pipeline
+
+        pipe = tiny_sd_pipeline(seed=0)
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        except (OSError, ValueError) as error:
+            hint = (
+                "" if Path(model).exists() else " (no such folder; a hub id needs the network and HF_HUB_OFFLINE unset)"
+            )
+            raise StoryDiffusionError(f"cannot load model {model!r}{hint}: {str(error).splitlines()[0]}") from error
+    story = StoryPipeline(pipe, csa_config, bank_dtype=options.bank_dtype)
+    if options.cpu_offload:
+        if device == "cpu":
+            raise StoryDiffusionError("--cpu-offload moves models between a GPU and the CPU; it needs --device cuda")
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if options.vae_slicing:
+        pipe.vae.enable_slicing()
+    if options.vae_tiling:
+        pipe.vae.enable_tiling()
+    pipe.set_progress_bar_config(disable=not options.progress, leave=False)
+    return story
+
+
+# -- the run -------------------------------------------------------------------------------------
+def run_settings(story: Story, model: str, options: RunOptions) -> dict[str, Any]:
+    """Everything that decides the panels' pixels; a resumed run must match it exactly."""
+    s = story.settings
+    rate = {str(k): v for k, v in s.rate.items()} if isinstance(s.rate, dict) else s.rate
+    return {
+        "model": model,
+        "dtype": options.dtype,
+        "style": s.style,
+        "seed": s.seed,
+        "steps": s.steps,
+        "guidance": s.guidance,
+        "width": s.width,
+        "height": s.height,
+        "id_length": s.id_length,
+        "rate": rate,
+        "negative_prompt": s.negative_prompt,
+        "bank_dtype": options.bank_dtype,
+        "characters": story.character_descriptions(),
+    }
+
+
+def _panel_record(info: FrameInfo, caption: str, file: str) -> dict[str, Any]:
+    return {
+        "index": info.index,
+        "file": file,
+        "prompt": info.prompt,
+        "negative_prompt": info.negative_prompt,
+        "seed": info.seed,
+        "characters": list(info.characters),
+        "caption": caption,
+        "role": info.role,
+    }
+
+
+def _same_panel(record: dict[str, Any], info: FrameInfo) -> bool:
+    return (
+        record.get("prompt") == info.prompt
+        and record.get("negative_prompt") == info.negative_prompt
+        and record.get("seed") == info.seed
+        and tuple(record.get("characters", ())) == info.characters
+    )
+
+
+def save_panel(image: Image.Image, record: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
+    """A panel PNG carrying its prompt, negative prompt, seed, model and CSA settings as text chunks."""
+    text = PngInfo()
+    for key in ("prompt", "negative_prompt", "seed", "characters", "caption"):
+        value = record[key]
+        text.add_text(f"storydiffusion:{key}", value if isinstance(value, str) else json.dumps(value))
+    text.add_text("storydiffusion:model", settings["model"])
+    csa = {k: settings[k] for k in ("rate", "id_length", "steps", "guidance", "style", "bank_dtype")}
+    text.add_text("storydiffusion:csa", json.dumps(csa))
+    write_atomically(path, lambda target: image.save(target, format="PNG", pnginfo=text))
+
+
+class Manifest:
+    """`manifest.json`: the run's settings, every finished panel, the banks and the comic files."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"format": MANIFEST_FORMAT, "version": 1, "settings": settings, "panels": {}}
+        self.data["banks"] = {}
+
+    @classmethod
+    def open(cls, out: Path, settings: dict[str, Any], overwrite: bool) -> Manifest:
+        """The folder's manifest if it is a resumable run of these settings; refuses a different run."""
+        manifest = cls(out / MANIFEST, settings)
+        if overwrite or not manifest.path.exists():
+            return manifest
+        try:
+            previous = json.loads(manifest.path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise StoryDiffusionError(f"{manifest.path} is not readable JSON ({error}); use --overwrite") from error
+        if previous.get("format") != MANIFEST_FORMAT:
+            raise StoryDiffusionError(f"{manifest.path} is not a storydiffusion run manifest; choose another --out")
+        changed = [
+            f"{key}: {previous['settings'].get(key)!r} -> {value!r}"
+            for key, value in settings.items()
+            if previous.get("settings", {}).get(key) != value
+        ]
+        if changed:
+            raise StoryDiffusionError(
+                f"{out} holds panels made with other settings ({'; '.join(changed)}); "
+                "re-run with the same settings to resume, or use --overwrite or another --out"
+            )
+        manifest.data["panels"] = previous.get("panels", {})
+        manifest.data["banks"] = previous.get("banks", {})
+        return manifest
+
+    def done(self, info: FrameInfo, out: Path) -> bool:
+        record = self.data["panels"].get(str(info.index))
+        return record is not None and _same_panel(record, info) and (out / record["file"]).is_file()
+
+    def add_panel(self, record: dict[str, Any]) -> None:
+        self.data["panels"][str(record["index"])] = record
+        self.write()
+
+    def write(self) -> None:
+        text = json.dumps(self.data, indent=2, ensure_ascii=False) + "\n"
+        write_atomically(self.path, lambda target: target.write_text(text))
+
+
+def run_story(
+    story: Story,
+    out: str | Path,
+    options: RunOptions | None = None,
+    pipeline: StoryPipeline | None = None,
+) -> RunResult:
+    """Generate (or finish) `story` into the folder `out`; see the module docstring."""
+    options = options or RunOptions()
+    out = Path(out)
+    model = story.settings.model or options.model
+    settings = run_settings(story, model, options)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest.open(out, settings, options.overwrite)
+
+    s = story.settings
+    csa_config = CSAConfig(rate=s.rate)
+    story_pipe = pipeline or load_story_pipeline(model, options, csa_config)
+    frames = story.to_frames()
+    infos = [
+        FrameInfo(i, f.prompt, f.negative_prompt or "", frame_seed(s.seed, i), f.characters, "frame")
+        for i, f in enumerate(frames)
+    ]
+    skip = {info.index for info in infos if manifest.done(info, out)}
+
+    # A saved bank is reused only when all of its character's reference panels are on disk, so a
+    # resumed run draws exactly what an uninterrupted one would have.
+    bank_settings = story_pipe.bank_settings(s.steps, s.guidance, s.width, s.height, s.id_length)
+    references = StoryPipeline.reference_frames(frames, s.id_length, exclude=set())
+    banks: dict[str, IdentityBank] = {}
+    for name, indices in references.items():
+        path = out / "banks" / f"{name}.safetensors"
+        if (
+            path.is_file()
+            and set(indices) <= skip
+            and manifest.data["banks"].get(name, {}).get("references") == indices
+        ):
+            banks[name] = IdentityBank.load(path, expected=bank_settings)
+
+    def on_frame(info: FrameInfo, image: Image.Image) -> None:
+        file = f"panel_{info.index:03d}.png"
+        record = _panel_record(info, story.panels[info.index].caption, file)
+        save_panel(image, record, settings, out / file)
+        manifest.add_panel(record)
+
+    def on_bank(name: str, bank: IdentityBank) -> None:
+        bank.save(out / "banks" / f"{name}.safetensors")
+        manifest.data["banks"][name] = {
+            "file": f"banks/{name}.safetensors",
+            "bytes": bank.nbytes,
+            "references": references[name],
+        }
+        manifest.write()
+
+    if len(skip) < len(frames):
+        story_pipe(
+            story.character_descriptions(),
+            frames,
+            id_length=s.id_length,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance,
+            height=s.height,
+            width=s.width,
+            seed=s.seed,
+            banks=banks,
+            skip_frames=skip,
+            on_frame=on_frame,
+            on_bank=on_bank,
+            progress=options.progress,
+        )
+
+    # The comic is remade from the files on disk, so a resumed run's pages hold every panel.
+    records = [manifest.data["panels"][str(i)] for i in range(len(frames))]
+    images = [Image.open(out / r["file"]).convert("RGB") for r in records]
+    pages = make_comic(images, [r["caption"] for r in records], options.layout)
+    page_paths, pdf = save_comic(pages, out)
+    manifest.data["comic"] = {"pages": [p.name for p in page_paths], "pdf": pdf.name}
+    manifest.write()
+    return RunResult(
+        out=out,
+        panels=[out / r["file"] for r in records],
+        generated=sorted(set(range(len(frames))) - skip),
+        skipped=sorted(skip),
+        pages=page_paths,
+        pdf=pdf,
+        banks={name: out / entry["file"] for name, entry in manifest.data["banks"].items()},
+    )
