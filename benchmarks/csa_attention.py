@@ -29,9 +29,9 @@ treated as input (the public code built it once per step for all layers), not ti
 How
 ---
 - Time: all four variants in this process under `torch.no_grad()`, torch's default threads; untimed
-  warm-up rounds (the first one's outputs feed the correctness check), then timed repeats interleaved
-  round-robin so drift hits every variant alike; the median is reported. Full run: 2 warm-up rounds and 7 timed
-  calls of each variant; --quick: 1 warm-up round and 2 timed calls (1 of ``official_math``, seconds a call).
+  warm-up calls, then timed calls interleaved round-robin so drift hits every variant alike; the median is
+  reported, and the last timed outputs feed the correctness check. Full run: 2 warm-up and 7 timed calls of
+  each variant; --quick: 1 + 2, except ``official_math`` (seconds a call): 0 + 1, after the others warmed up.
   The ``time_vs_*`` ratios are medians of per-round ratios (ours over the baseline timed in the same round),
   which a load that comes and goes between rounds biases far less than a ratio of medians would.
 - Peak memory above baseline: each variant in its own fresh subprocess (this script re-invoked with the
@@ -210,45 +210,50 @@ RUNNERS: dict[str, Callable[[Case], torch.Tensor]] = {
 # --------------------------------------------------------------------------------------------
 # Correctness guard and timing
 # --------------------------------------------------------------------------------------------
-def warm_up_and_check(case: Case, device: torch.device, dtype: torch.dtype, rounds: int) -> dict[str, float]:
-    """Untimed warm-up rounds of every variant; the first round's outputs feed the correctness guard.
-
-    Asserts that ours, dense_sdpa and official_math agree on the same sampled indices; returns max abs diffs.
-    """
-    with torch.no_grad():
-        outputs = {name: RUNNERS[name](case).float() for name in VARIANTS}
-        for _ in range(rounds - 1):
-            for name in VARIANTS:
-                RUNNERS[name](case)
-        synchronize(device)
-    ours = outputs["ours"]
-    diffs = {name: (outputs[name] - ours).abs().max().item() for name in ("dense_sdpa", "official_math")}
-    tolerance = (1e-4 if dtype == torch.float32 else 1e-2) * max(1.0, ours.abs().max().item())
-    for name, diff in diffs.items():
-        print(f"check: max |ours - {name}| = {diff:.3g} (tolerance {tolerance:.3g})", flush=True)
-        assert diff <= tolerance, f"ours and {name} disagree: max abs diff {diff:.3g} > {tolerance:.3g}"
-    return diffs
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_variants(case: Case, device: torch.device, repeats: dict[str, int]) -> dict[str, list[float]]:
-    """ms per layer call of each variant (after `warm_up_and_check`): repeats interleaved round-robin."""
-    samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
+def warm_up(case: Case, device: torch.device, calls: dict[str, int]) -> None:
+    """Untimed calls, round-robin: `calls[name]` of each variant."""
     with torch.no_grad():
-        for repeat in range(max(repeats.values())):
-            due = [name for name in VARIANTS if repeat < repeats[name]]
+        for round_ in range(max(calls.values())):
+            for name in VARIANTS:
+                if round_ < calls[name]:
+                    RUNNERS[name](case)
+        synchronize(device)
+
+
+def time_variants(
+    case: Case, device: torch.device, repeats: dict[str, int]
+) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
+    """ms of each timed call per variant, repeats interleaved round-robin; and each variant's last output."""
+    samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for round_ in range(max(repeats.values())):
+            due = [name for name in VARIANTS if round_ < repeats[name]]
             for name in due:
+                outputs.pop(name, None)  # let the previous output go before the call, as a caller would
                 gc.collect()
                 start = time.perf_counter()
-                RUNNERS[name](case)
+                outputs[name] = RUNNERS[name](case)
                 synchronize(device)
                 samples[name].append((time.perf_counter() - start) * 1e3)
-            print(f"  repeat {repeat + 1}: " + ", ".join(f"{n} {samples[n][-1]:.0f} ms" for n in due), flush=True)
-    return samples
+            print(f"  round {round_ + 1}: " + ", ".join(f"{n} {samples[n][-1]:.0f} ms" for n in due), flush=True)
+    return samples, outputs
+
+
+def check_agreement(outputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, float]:
+    """Assert that dense_sdpa and official_math reproduce ours (same sampled indices); return max abs diffs."""
+    ours = outputs["ours"].float()
+    diffs = {name: (outputs[name].float() - ours).abs().max().item() for name in ("dense_sdpa", "official_math")}
+    tolerance = (1e-4 if dtype == torch.float32 else 1e-2) * max(1.0, ours.abs().max().item())
+    for name, diff in diffs.items():
+        print(f"check: max |ours - {name}| = {diff:.3g} (tolerance {tolerance:.3g})", flush=True)
+        assert diff <= tolerance, f"ours and {name} disagree: max abs diff {diff:.3g} > {tolerance:.3g}"
+    return diffs
 
 
 def paired_ratio(samples: dict[str, list[float]], name: str, baseline: str) -> float:
@@ -362,7 +367,7 @@ def bank_figures(height: int, device: torch.device) -> BankFigures:
     config = CSAConfig()  # defaults: rate 0.5, decoder layers, default schedule
     controller = ConsistentAttention(config)
     controller.layers = {name: level for name, (level, _, _) in layers.items()}
-    gates = controller._draw_gates(NUM_STEPS, torch.Generator().manual_seed(SEED))  # the controller's own draw
+    gates = controller.draw_gates(NUM_STEPS, torch.Generator().manual_seed(SEED))  # the controller's own draw
 
     settings = BankSettings(
         model="",
@@ -420,6 +425,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def describe(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in counts.items())
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -432,12 +441,13 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"warning: 1-minute load average is {load:.1f} before starting; timings may be noisy", flush=True)
-    # Warm-up rounds, then timed calls per variant; --quick times the slowest baseline once (each of its
-    # calls takes several seconds on a 2-core CPU) to stay within a minute.
-    warmup = 1 if args.quick else 2
+    # Untimed warm-up calls, then timed calls, per variant. --quick gives official_math (several seconds a
+    # call on a 2-core CPU) one timed call and no warm-up call of its own, after the other variants have
+    # warmed torch's kernels and thread pool: a rougher figure for the one baseline that has no target.
+    warmups = {name: 1 if args.quick else 2 for name in VARIANTS}
     repeats = {name: 2 if args.quick else 7 for name in VARIANTS}
     if args.quick:
-        repeats["official_math"] = 1
+        warmups["official_math"], repeats["official_math"] = 0, 1
     num_tokens, factor = (args.height // 16) ** 2, kv_factor(RATE, REFERENCE_IMAGES)
     print(
         f"CSA layer benchmark on {device} ({dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads): "
@@ -452,16 +462,17 @@ def main(argv: list[str] | None = None) -> None:
     with ThreadPoolExecutor(max_workers=len(measured) if args.quick else 1) as pool:
         reports = {name: pool.submit(peak_in_subprocess, name, args.height, args.device) for name in measured}
         case = build_case(args.height, device, dtype)
-        print(f"warm-up: {warmup} round(s) of every variant [{time.perf_counter() - began:.0f} s]", flush=True)
-        diffs = warm_up_and_check(case, device, dtype, warmup)
+        print(f"warm-up calls: {describe(warmups)} [{time.perf_counter() - began:.0f} s]", flush=True)
+        warm_up(case, device, warmups)
         peaks: dict[str, int] = {}
         for name, report in reports.items():
             peaks[name], method = int(report.result()["peak_bytes"]), str(report.result()["method"])
             print(f"peak memory {name:>13}: {peaks[name] / 2**20:9.1f} MiB above baseline ({method})", flush=True)
 
-    counts = ", ".join(f"{name} {count}" for name, count in repeats.items())
-    print(f"timing: timed calls per variant, interleaved: {counts} [{time.perf_counter() - began:.0f} s]", flush=True)
-    samples = time_variants(case, device, repeats)
+    print(f"timed calls, interleaved: {describe(repeats)} [{time.perf_counter() - began:.0f} s]", flush=True)
+    samples, outputs = time_variants(case, device, repeats)
+    diffs = check_agreement(outputs, dtype)
+    del outputs
     ms = {name: statistics.median(values) for name, values in samples.items()}
     for name in VARIANTS:
         print(f"time {name:>13}: {ms[name]:9.1f} ms (median)", flush=True)
@@ -496,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
         "reference_images": REFERENCE_IMAGES,
         "rate": RATE,
         "kv_factor": factor,
-        "warmup": warmup,
+        "warmup": warmups,
         "repeats": repeats,
         "ms_ours": ms["ours"],
         "ms_vanilla": ms["vanilla"],

@@ -56,6 +56,7 @@ class FakeController:
     def __init__(self, mode, images_per_call, indices=None, bank_tokens=None):
         self.mode, self.images_per_call, self.indices, self.bank_tokens = mode, images_per_call, indices, bank_tokens
         self.written = []
+        self.writes = True
 
     def guidance_halves(self, batch):
         return batch // self.images_per_call

@@ -227,7 +227,8 @@ class ConsistentSelfAttnProcessor:
             if num_samples == 0:
                 return None
             indices = ctrl.sample_indices(num_images, num_tokens, num_samples)  # (B, k)
-            ctrl.write(self.name, gather_tokens(per_half, indices).flatten(1, 2))  # (halves, B*k, C)
+            if ctrl.writes:
+                ctrl.write(self.name, gather_tokens(per_half, indices).flatten(1, 2))  # (halves, B*k, C)
             if num_images < 2:
                 return None
             return indices, None

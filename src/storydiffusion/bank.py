@@ -58,8 +58,9 @@ class BankSettings:
 
 def quantize_int8(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-token int8: (..., C) -> int8 values (..., C) and fp16 scales (..., 1)."""
-    scale = tokens.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-8) / _INT8_MAX
-    values = torch.round(tokens.float() / scale).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    low, high = tokens.aminmax(dim=-1, keepdim=True)  # avoids a full-size abs() temporary
+    scale = torch.maximum(-low, high).float().clamp_min_(1e-8) / _INT8_MAX
+    values = (tokens.float() / scale).round_().clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
     return values, scale.to(torch.float16)
 
 

@@ -135,7 +135,7 @@ class ConsistentAttention:
         self._begin("mutual", num_steps, images_per_call)
         self.generator = generator
         self.write_bank = bank
-        self.gates = self._draw_gates(num_steps, generator)
+        self.gates = self.draw_gates(num_steps, generator)
 
     def begin_read(self, num_steps: int, images_per_call: int, banks: Sequence[IdentityBank]) -> None:
         """Frame phase: each image attends to its own tokens plus every bank in `banks` (none: plain)."""
@@ -148,7 +148,7 @@ class ConsistentAttention:
         self.reset()
         self.mode, self.num_steps, self.images_per_call = mode, num_steps, images_per_call
 
-    def _draw_gates(self, num_steps: int, generator: torch.Generator) -> dict[str, list[bool]]:
+    def draw_gates(self, num_steps: int, generator: torch.Generator) -> dict[str, list[bool]]:
         """Per (step, layer): run CSA or not, drawn once per phase from the phase's generator."""
         probabilities = torch.tensor([self.config.schedule.probability(s, num_steps) for s in range(num_steps)])
         draws = torch.rand(len(self.layers), num_steps, generator=generator, device=generator.device)
@@ -186,6 +186,11 @@ class ConsistentAttention:
 
     def sample_indices(self, num_images: int, num_tokens: int, num_samples: int) -> torch.Tensor:
         return sample_token_indices(num_images, num_tokens, num_samples, self.generator)
+
+    @property
+    def writes(self) -> bool:
+        """Whether this phase fills a bank (processors skip gathering bank tokens otherwise)."""
+        return self.write_bank is not None
 
     def write(self, layer: str, tokens: torch.Tensor) -> None:
         if self.write_bank is not None:
