@@ -167,6 +167,8 @@ def _report(result, seconds: float) -> None:
 
 def main() -> None:
     """Entry point: the project's errors become one line on stderr and exit code 1."""
+    # transformers warns at import about optional image backends the command never uses
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
     except StoryDiffusionError as error:
