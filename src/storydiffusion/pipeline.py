@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,8 +31,6 @@ from .controller import ConsistentAttention, select_layers
 from .errors import StoryDiffusionError
 from .prompts import encode_long_prompts, needs_chunking
 
-NO_CHARACTER_TAG = "NC"
-_TAG = re.compile(r"\[([^\[\]]+)\]")
 # arguments StoryPipeline sets itself on every call of the wrapped pipeline
 _RESERVED_KWARGS = {
     "prompt", "negative_prompt", "generator", "callback_on_step_end", "num_images_per_prompt",
@@ -72,24 +69,11 @@ class StoryPipelineOutput:
 
 
 def parse_frame(text: str, characters: Mapping[str, str]) -> Frame:
-    """`[Name]` tags -> that character's description; `[NC]` -> no character (tag dropped)."""
-    named: list[str] = []
+    """A frame line of the story format: `[Name]` tags -> descriptions, `[NC]` -> no character,
+    text after the last `#` is a caption (dropped here)."""
+    from .story import parse_frame_line  # the story format owns the syntax
 
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1).strip()
-        if name == NO_CHARACTER_TAG:
-            return ""
-        if name not in characters:
-            known = ", ".join(f"[{n}]" for n in characters) or "none defined"
-            raise StoryDiffusionError(f"frame {text!r} names unknown character [{name}]; known characters: {known}")
-        if name not in named:
-            named.append(name)
-        return characters[name]
-
-    prompt = " ".join(_TAG.sub(substitute, text).split())
-    if not prompt:
-        raise StoryDiffusionError(f"frame {text!r} has no prompt text")
-    return Frame(prompt=prompt, characters=tuple(named))
+    return parse_frame_line(text, characters).to_frame()
 
 
 def derived_seed(seed: int, *keys: int) -> int:

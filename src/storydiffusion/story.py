@@ -536,6 +536,12 @@ def _parse_frame_line(index: int, line: str, characters: Mapping[str, Character]
     return _panel(index, line, body, caption, characters, where)
 
 
+def parse_frame_line(line: str, descriptions: Mapping[str, str], index: int = 0, source: str = "<frame>") -> Panel:
+    """One frame line (`[Name]` tags, `[NC]`, `#caption`) against name -> description."""
+    characters = {name: Character(name, text, None) for name, text in descriptions.items()}
+    return _parse_frame_line(index, line, characters, _Where(source))
+
+
 def _parse_frames_text(
     text: Any, characters: Mapping[str, Character], where: _Where, line_of: Callable[[int], int | None]
 ) -> list[Panel]:
