@@ -68,7 +68,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--init", type=Path, default=None, help="start from this saved classifier (fine-tuning)")
+    parser.add_argument(
+        "--vae", type=Path, default=None, help="a tiny-world VAE folder: part of each batch is its reconstruction"
+    )
+    parser.add_argument("--vae-share", type=float, default=0.5, help="share of each batch passed through --vae")
     return parser.parse_args()
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images in [0, 1] encoded (a posterior sample) and decoded by `vae`: what a latent model can show."""
+    latents = vae.encode(images * 2 - 1).latent_dist.sample(generator=generator)
+    return ((vae.decode(latents).sample + 1) / 2).clamp(0.0, 1.0)
 
 
 def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
@@ -143,12 +155,20 @@ def main() -> None:
     torch.manual_seed(args.seed)  # parameter initialisation
     rng = np.random.default_rng(args.seed)  # training panels
     generator = torch.Generator().manual_seed(args.seed)  # augmentation
-    model = AttributeClassifier(
-        attribute_names=list(ATTRIBUTES),
-        attribute_vocabularies=[list(values) for values in ATTRIBUTES.values()],
-        block_channels=tuple(args.block_channels),
-        layers_per_block=args.layers_per_block,
-    )
+    if args.init is not None:
+        model = AttributeClassifier.from_pretrained(args.init)
+    else:
+        model = AttributeClassifier(
+            attribute_names=list(ATTRIBUTES),
+            attribute_vocabularies=[list(values) for values in ATTRIBUTES.values()],
+            block_channels=tuple(args.block_channels),
+            layers_per_block=args.layers_per_block,
+        )
+    vae = None
+    if args.vae is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     checkpoint = args.checkpoint_dir / "checkpoint.pt"
     step, elapsed = 0, 0.0
@@ -174,6 +194,9 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, targets, _ = render_batch(rng, args.batch_size)
+        if vae is not None:
+            through = int(round(args.vae_share * len(images)))
+            images = torch.cat([vae_round_trip(vae, images[:through], generator), images[through:]])
         per_head = losses(model(degrade(images, generator)), targets)
         loss = sum(per_head.values())
         optimizer.zero_grad(set_to_none=True)
@@ -212,10 +235,18 @@ def main() -> None:
     clean = evaluate(model, eval_images, eval_targets)
     degraded = evaluate(model, degrade(eval_images, torch.Generator().manual_seed(args.eval_seed)), eval_targets)
     predictions = [p for i in range(0, args.eval_size, 250) for p in model.predict(eval_images[i : i + 250])]
+    through_vae = {}
+    if vae is not None:
+        recon_generator = torch.Generator().manual_seed(args.eval_seed)
+        recon = torch.cat(
+            [vae_round_trip(vae, eval_images[i : i + 250], recon_generator) for i in range(0, args.eval_size, 250)]
+        )
+        through_vae = {"accuracy_vae": {k: round(v, 4) for k, v in evaluate(model, recon, eval_targets).items()}}
     report = {
         "accuracy": {k: round(v, 4) for k, v in clean.items()},
         "accuracy_degraded": {k: round(v, 4) for k, v in degraded.items()},
         "accuracy_predict": {k: round(v, 4) for k, v in accuracy(predictions, eval_panels).items()},
+        **through_vae,
         "scored_attributes": [name for name, value in clean.items() if value >= SCORE_THRESHOLD],
         "threshold": SCORE_THRESHOLD,
         "eval_panels": args.eval_size,
@@ -233,7 +264,9 @@ def main() -> None:
             "torch": torch.__version__,
         },
         "command": "python scripts/train_attribute_classifier.py "
-        + f"--steps {args.steps} --batch-size {args.batch_size} --threads {args.threads}",
+        + f"--steps {args.steps} --batch-size {args.batch_size} --threads {args.threads}"
+        + (f" --init {args.init}" if args.init else "")
+        + (f" --vae {args.vae} --vae-share {args.vae_share}" if args.vae else ""),
         "notes": "accuracy: each head on clean renders, hair_colour where visible (not bald, not short hair under "
         "a hat); accuracy_degraded: the same under the training degradations (blur, noise, jitter); "
         "accuracy_predict: predict() against visible_truth(), where a hair colour that predict() hides because "

@@ -145,6 +145,10 @@ def main() -> None:
     clip.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     wt.clip_image_processor().save_pretrained(out)
+    # fp16 on disk, float32 when loaded (transformers follows the config's dtype), as the pipeline's parts
+    config = json.loads((out / "config.json").read_text())
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     fp16 = retrieval(CLIPModel.from_pretrained(out, torch_dtype=torch.float32), tokenizer, eval_images, eval_captions)
     summary = {
         "steps": step,

@@ -33,11 +33,18 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+def default_model() -> str:
+    """The shipped tiny model ("tiny"), or the random one when a checkout lacks its weights."""
+    from .tiny import TINY, tiny_model_available
+
+    return TINY if tiny_model_available() else TINY_RANDOM
+
+
 @dataclass
 class RunOptions:
     """How to run a story (what to run is the `Story` and its settings)."""
 
-    model: str = TINY_RANDOM  # hub id, local folder, or "tiny-random"; a story's own `model` wins unless overridden
+    model: str = field(default_factory=default_model)  # hub id, folder, "tiny" or "tiny-random"
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dtype: str = "auto"  # auto: float16 on a GPU, float32 on the CPU
     cpu_offload: bool = False  # diffusers' model CPU offload (the GPU holds one component at a time)
@@ -93,6 +100,8 @@ def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) 
 
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device)
+    if options.cpu_offload and device == "cpu":  # checked before minutes of loading, not after
+        raise StoryDiffusionError("--cpu-offload moves models between a GPU and the CPU; it needs --device cuda")
     if model == TINY_RANDOM:
         from .tiny_random import tiny_sd_pipeline
 
@@ -102,8 +111,10 @@ def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) 
     else:
         from diffusers import DiffusionPipeline
 
+        from .tiny import resolve_model
+
         try:
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(resolve_model(model), torch_dtype=dtype)
         except (OSError, ValueError) as error:
             hint = (
                 "" if Path(model).exists() else " (no such folder; a hub id needs the network and HF_HUB_OFFLINE unset)"
@@ -111,8 +122,6 @@ def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) 
             raise StoryDiffusionError(f"cannot load model {model!r}{hint}: {str(error).splitlines()[0]}") from error
     story = StoryPipeline(pipe, csa_config, bank_dtype=options.bank_dtype)
     if options.cpu_offload:
-        if device == "cpu":
-            raise StoryDiffusionError("--cpu-offload moves models between a GPU and the CPU; it needs --device cuda")
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
