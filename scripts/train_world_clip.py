@@ -55,10 +55,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    """Linear warm-up to --lr, then cosine decay to 10% of it at --steps."""
+    return wt.warmup_cosine(step, args.lr, args.warmup, args.steps)
 
 
 def tokenize(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -78,10 +77,7 @@ def parse_args() -> argparse.Namespace:
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
     """Linear warm-up to --lr, then cosine decay to 10% of it at --steps."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return wt.warmup_cosine(step, args.lr, args.warmup, args.steps)
 
 
 @torch.no_grad()

@@ -17,12 +17,7 @@ from storydiffusion.tiny import TINY_CLIP_DIR, TINY_DIR, resolve_model
 WEIGHT_BUDGET = 40 * 2**20  # bytes of shipped weights, all models together (issue: <= 40 MB)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

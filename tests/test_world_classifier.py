@@ -15,13 +15,7 @@ from storydiffusion import world_classifier as wc
 HELD_OUT_SEED = 20_250_101  # neither the training seed (0) nor the evaluation seeds (1_000_003, 1_000_004)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions run faster on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

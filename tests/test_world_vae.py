@@ -21,13 +21,7 @@ MIN_STRIP_PSNR = 25.0
 MIN_COLOUR_ACCURACY = 0.8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: several threads only contend (and slow down badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +153,11 @@ def test_colour_regions_find_the_attribute_colours():
             assert np.abs(original[mask] - target).max() < 0.06, part
     with pytest.raises(ValueError, match="exactly 1 figure"):
         wt.colour_regions(world.sample_panel(np.random.default_rng(0), num_figures=2), original)
+
+
+def test_warmup_cosine_schedule():
+    assert wt.warmup_cosine(0, 1e-3, 100, 1000) == pytest.approx(1e-5)  # warm-up starts low
+    assert wt.warmup_cosine(99, 1e-3, 100, 1000) == pytest.approx(1e-3)  # ... and reaches the peak
+    assert wt.warmup_cosine(550, 1e-3, 100, 1000) == pytest.approx(0.55e-3)  # half-way down the cosine
+    assert wt.warmup_cosine(1000, 1e-3, 100, 1000) == pytest.approx(1e-4)  # the floor at the end
+    assert wt.warmup_cosine(5000, 1e-3, 100, 1000) == pytest.approx(1e-4)  # and after it

@@ -18,6 +18,7 @@ of the region name the right attribute (nearest colour in that attribute's vocab
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from types import MappingProxyType
 
@@ -57,6 +58,15 @@ FIGURE_COUNT_PROBABILITIES = (0.1, 0.7, 0.2)
 ATTRIBUTE_PIXEL_TOLERANCE = 0.05  # an original pixel this close to the palette colour shows the attribute
 COLOUR_TOLERANCE = 0.1  # a reconstructed pixel this close to the original keeps its colour (see module doc)
 COLOUR_PARTS = ("hair", "shirt", "trousers")
+
+
+def warmup_cosine(step: int, peak: float, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Learning rate at `step`: linear warm-up to `peak` over `warmup` steps, then cosine decay to
+    `floor` x `peak` at `total` (the schedule of every tiny-world trainer)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
