@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from storydiffusion import world_training as wt
+from storydiffusion.files import write_atomically
 
 VAE_DIR = Path(__file__).resolve().parents[1] / "src" / "storydiffusion" / "assets" / "tiny" / "vae"
 
@@ -49,8 +51,7 @@ def main() -> None:
             continue
         t0 = time.time()
         shard = wt.latent_shard(np.random.default_rng([args.seed, index]), vae, args.groups, args.extras)
-        torch.save(shard, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)  # a reader never sees half a shard
+        write_atomically(path, partial(torch.save, shard))  # a reader never sees half a shard
         print(f"{path.name}: {time.time() - t0:.1f} s", flush=True)
 
 

@@ -31,12 +31,14 @@ import math
 import os
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from storydiffusion.files import write_atomically
 from storydiffusion.world_classifier import (
     ATTRIBUTES,
     IGNORE_INDEX,
@@ -144,9 +146,7 @@ def evaluate(model: AttributeClassifier, images: torch.Tensor, targets: dict[str
 
 def save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint
+    write_atomically(path, partial(torch.save, state))  # never leave a half-written checkpoint
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ import torch
 from transformers import CLIPModel
 
 from storydiffusion import world_training as wt
+from storydiffusion.files import write_atomically
 from storydiffusion.tiny_random import clip_tokenizer
 
 EVAL_SEED = 20_000  # held-out panels come from their own seed
@@ -133,8 +135,7 @@ def main() -> None:
                 "step": step,
                 "elapsed": time.time() - t0,
             }
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)  # never a half-written checkpoint
+            write_atomically(checkpoint, partial(torch.save, state))  # never half-written
     wall = time.time() - t0
 
     fp32 = retrieval(clip, tokenizer, eval_images, eval_captions)

@@ -38,6 +38,7 @@ import copy
 import json
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from storydiffusion import world_training as wt
+from storydiffusion.files import write_atomically
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "storydiffusion" / "assets" / "tiny"
 
@@ -237,7 +239,7 @@ def main() -> None:
         for processor in joint:
             processor.panels, processor.rate = per_group, rate
         prediction = unet(noisy, timesteps, text).sample
-        target = wt.v_target(noise_scheduler, latents, noise, timesteps)
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)  # v-prediction target
         per_panel = F.mse_loss(prediction, target, reduction="none").mean((1, 2, 3))
         loss = (wt.min_snr_weights(noise_scheduler, timesteps) * per_panel).mean()
         loss.backward()
@@ -267,8 +269,7 @@ def main() -> None:
                 "step": step,
                 "elapsed": time.time() - t0,
             }
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)
+            write_atomically(checkpoint, partial(torch.save, state))  # never half-written
     print(json.dumps({"steps": step, "wall_s": round(time.time() - t0), "threads": args.threads}))
     print(f"exported to {export(ema, args)}")
 

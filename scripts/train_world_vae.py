@@ -35,6 +35,7 @@ import argparse
 import copy
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
 from storydiffusion import world_training as wt
+from storydiffusion.files import write_atomically
 
 CHECKPOINT = Path("/tmp/world_vae_ckpt/checkpoint.pt")
 EVAL_SEED = 10_000  # held-out renders come from their own seed, never the training stream's
@@ -171,8 +173,7 @@ def main() -> None:
                 "step": step,
                 "elapsed": time.time() - t0,
             }
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)  # never leave a half-written checkpoint
+            write_atomically(checkpoint, partial(torch.save, state))  # never half-written
     wall = time.time() - t0
 
     if not accelerator.is_main_process:

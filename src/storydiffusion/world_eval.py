@@ -33,7 +33,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from . import world
 from .attention import CSAConfig, CSASchedule
 from .errors import StoryDiffusionError
 from .story import Story, StoryFormatError
-from .world_classifier import SCORED_IDENTITY_ATTRIBUTES
+from .world_classifier import SCORED_IDENTITY_ATTRIBUTES, agreement
 
 ARMS: tuple[str, ...] = ("baseline", "shared_noise", "csa", "csa_shared_noise")
 # Identity attributes the classifier reads reliably enough to score (see world_classifier.SCORED_ATTRIBUTES).
@@ -181,8 +180,7 @@ def default_stories(count: int = 24, seed: int = 0, frames: int = 4, id_length: 
 
 def story_agreement(predictions: Sequence[Mapping[str, str]], attribute: str) -> float:
     """Fraction of panel pairs whose predicted `attribute` agrees (a hidden value is a value of its own)."""
-    pairs = list(combinations(predictions, 2))
-    return sum(a.get(attribute) == b.get(attribute) for a, b in pairs) / len(pairs)
+    return agreement(predictions, (attribute,))
 
 
 def panel_aligned(
@@ -356,25 +354,17 @@ def run_eval(
     images_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """`storydiffusion eval`: load everything, run `evaluate`, optionally save every story as a strip."""
-    import torch
-    from diffusers import DiffusionPipeline
     from tqdm.auto import tqdm
 
     from .clip_score import ClipScorer
-    from .runner import pick_device
-    from .tiny import resolve_model
+    from .runner import RunOptions, load_story_pipeline
     from .world_classifier import load_default_classifier
 
     eval_stories = load_eval_stories(stories) if stories is not None else default_stories(count)
-    device = pick_device(device)
-    dtype = torch.float32 if device == "cpu" else torch.float16
-    try:
-        pipe = DiffusionPipeline.from_pretrained(resolve_model(model), torch_dtype=dtype).to(device)
-    except (OSError, ValueError) as error:
-        raise StoryDiffusionError(f"cannot load model {model!r}: {str(error).splitlines()[0]}") from error
-    pipe.set_progress_bar_config(disable=True)
-    classifier = load_default_classifier(device)
-    clip = ClipScorer(clip_model, device)
+    # The story command's loader (device, dtype, `tiny`, clear errors); each arm wraps the pipe in its own CSA.
+    pipe = load_story_pipeline(model, RunOptions(device=device, progress=False), settings.csa).pipe
+    classifier = load_default_classifier(pipe.device)
+    clip = ClipScorer(clip_model, pipe.device)
 
     on_story = None
     if images_dir is not None:

@@ -87,6 +87,11 @@ def tensor_image(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def render_tensors(panels: Sequence[world.Panel], size: int = PANEL_SIZE) -> torch.Tensor:
+    """The panels' renders as one (B, 3, size, size) tensor in [-1, 1]."""
+    return torch.stack([panel_tensor(world.render_panel(panel, size)) for panel in panels])
+
+
 def sample_training_panel(rng: np.random.Generator) -> world.Panel:
     """A random panel with 0, 1 or 2 figures (`FIGURE_COUNT_PROBABILITIES`)."""
     return world.sample_panel(rng, num_figures=int(rng.choice(3, p=FIGURE_COUNT_PROBABILITIES)))
@@ -259,7 +264,7 @@ def held_out_panels(seed: int, count: int, size: int = PANEL_SIZE) -> tuple[torc
     """`count` one-figure panels from their own seed (never drawn in training) and their (B, 3, size, size) renders."""
     rng = np.random.default_rng(seed)
     panels = [world.sample_panel(rng, num_figures=1) for _ in range(count)]
-    return torch.stack([panel_tensor(world.render_panel(panel, size)) for panel in panels]), panels
+    return render_tensors(panels, size), panels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +340,7 @@ def render_clip_batch(rng: np.random.Generator, batch_size: int) -> tuple[torch.
         world.sample_panel(rng, num_figures=int(rng.choice(3, p=CLIP_FIGURE_COUNT_PROBABILITIES)))
         for _ in range(batch_size)
     ]
-    images = torch.stack([panel_tensor(world.render_panel(panel, PANEL_SIZE)) for panel in panels])
+    images = render_tensors(panels)
     return images, [panel.caption for panel in panels]
 
 
@@ -377,9 +382,7 @@ def encode_latents(vae: AutoencoderKL, panels: Sequence[world.Panel], batch_size
     """Posterior means of the panels' renders, times the VAE's scaling factor: (B, 4, 16, 16) float16."""
     out = []
     for start in range(0, len(panels), batch_size):
-        images = torch.stack(
-            [panel_tensor(world.render_panel(p, PANEL_SIZE)) for p in panels[start : start + batch_size]]
-        )
+        images = render_tensors(panels[start : start + batch_size])
         out.append(vae.encode(images).latent_dist.mode() * vae.config.scaling_factor)
     return torch.cat(out).half()
 
@@ -470,11 +473,6 @@ def install_joint_attention(unet: UNet2DConditionModel) -> list[JointPanelAttnPr
         processors[name] = processor
     unet.set_attn_processor(processors)
     return joint
-
-
-def v_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The v-prediction target sqrt(a) * noise - sqrt(1 - a) * x0."""
-    return scheduler.get_velocity(latents, noise, timesteps)
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
