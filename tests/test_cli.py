@@ -95,6 +95,29 @@ def test_text_boxes_end_to_end(monkeypatch, capsys, tmp_path, model_dir):
     assert len(list(out.glob("panel_*.png"))) == 3 and (out / "comic.pdf").is_file()
 
 
+def test_a_saved_character_is_reused_with_bank(monkeypatch, capsys, tmp_path, model_dir):
+    (tmp_path / "chars.txt").write_text("[Bob] a man with red hair\n")
+    (tmp_path / "first.txt").write_text("[Bob] at home\n[Bob] on a bus\n")
+    (tmp_path / "later.txt").write_text("[Bob] at the beach\n[NC] a street\n")
+    common = ["--characters", tmp_path / "chars.txt", "--model", model_dir, "--steps", "2", "--width", "64",
+              "--height", "64", "--id-length", "2", *FAST]
+    first = tmp_path / "first"
+    assert run_cli(monkeypatch, capsys, "story", "--frames", tmp_path / "first.txt", "--out", first, *common)[0] == 0
+    bank = first / "banks" / "Bob.safetensors"
+    later = tmp_path / "later"
+    code, stdout, stderr = run_cli(
+        monkeypatch, capsys, "story", "--frames", tmp_path / "later.txt", "--out", later, "--bank", bank, *common
+    )
+    assert code == 0, stderr
+    manifest = json.loads((later / "manifest.json").read_text())
+    assert manifest["panels"]["0"]["role"] != "reference"  # Bob came from the bank, not new reference frames
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "story", "--frames", tmp_path / "later.txt", "--out", tmp_path / "x",
+        "--bank", tmp_path / "missing.safetensors", *common,
+    )
+    assert code == 1 and "missing.safetensors" in stderr
+
+
 def test_resume_after_an_interrupted_run(monkeypatch, capsys, tmp_path, model_dir, story_file):
     whole = tmp_path / "whole"
     assert run_cli(monkeypatch, capsys, "story", story_file, "--model", model_dir, "--out", whole, *FAST)[0] == 0

@@ -22,6 +22,8 @@ _LAZY = {
     "save_comic": "comic",
     "apply_style": "styles",
     "style_names": "styles",
+    "SemanticMotionPredictor": "video.smp",
+    "TransitionPipeline": "video.pipeline",
 }
 
 

@@ -176,18 +176,35 @@ class IdentityBank:
         tmp.replace(path)  # an interrupted save never leaves a half-written bank behind
         return path
 
+    @staticmethod
+    def read_metadata(path: str | Path) -> Mapping[str, str]:
+        """A bank file's metadata (character, settings...) without reading its tensors."""
+        path = Path(path)
+        if not path.is_file():
+            raise StoryDiffusionError(f"bank file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata: Mapping[str, str] = handle.metadata() or {}
+        except Exception as error:  # safetensors raises several types for a damaged file
+            raise StoryDiffusionError(f"bank file {path} is not a readable safetensors file: {error}") from error
+        if metadata.get("format") != "storydiffusion.identity_bank":
+            raise StoryDiffusionError(f"{path} is not a storydiffusion identity bank (no bank metadata)")
+        return metadata
+
+    @classmethod
+    def character_in(cls, path: str | Path) -> str:
+        """The name of the character a bank file holds."""
+        return cls.read_metadata(path)["character"]
+
     @classmethod
     def load(
         cls, path: str | Path, expected: BankSettings | None = None, device: str | torch.device = "cpu"
     ) -> IdentityBank:
         """Read a bank file; with `expected`, refuse one made under other settings."""
         path = Path(path)
-        if not path.is_file():
-            raise StoryDiffusionError(f"bank file {path} does not exist")
+        metadata = cls.read_metadata(path)
         try:
             tensors = load_file(str(path), device=str(device))
-            with safe_open(str(path), framework="pt") as handle:
-                metadata: Mapping[str, str] = handle.metadata() or {}
         except Exception as error:  # safetensors raises several types for a damaged file
             raise StoryDiffusionError(f"bank file {path} is not a readable safetensors file: {error}") from error
         if metadata.get("format") != "storydiffusion.identity_bank":

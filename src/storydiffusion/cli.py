@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from .errors import StoryDiffusionError
+from .examples import DEMO_CHARACTERS, DEMO_FRAMES, RANDOM_DEMO_CHARACTERS, RANDOM_DEMO_FRAMES
 
 app = typer.Typer(
     add_completion=False,
@@ -23,35 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Consistent characters across story panels, laid out as comics.",
 )
-
-# The demo speaks the tiny world's grammar (`storydiffusion.world`): what a description leaves out
-# (Mia's hair, Leo's shirt...) the model invents, and CSA keeps it the same from panel to panel.
-DEMO_CHARACTERS = """\
-[Mia] a girl with a ponytail and a yellow shirt
-[Leo] a boy wearing a cap
-"""
-DEMO_FRAMES = """\
-[Mia], walking in the city #Mia walks to the park.
-[Mia], jumping in a forest #She jumps over a log.
-[Leo], running on a beach #Leo runs by the sea.
-[Leo], waving in the snow #Leo waves from the hill.
-[Mia], waving, and [Leo], waving, in a room #They meet at home.
-[NC] a park at night #Good night.
-"""
-# The same story for the untrained `tiny-random` model (its panels are noise either way).
-RANDOM_DEMO_CHARACTERS = """\
-[Mia] a girl with short red hair, yellow raincoat
-[Tom] an old man with a grey beard, blue coat
-"""
-RANDOM_DEMO_FRAMES = """\
-[Mia] walks to school in the rain #Mia walks to school.
-[Mia] splashes in a puddle #Splash!
-[Tom] feeds pigeons in the park #Tom feeds the pigeons.
-[Tom] reads a newspaper on a bench #Same bench, every day.
-[Mia] and [Tom] share an umbrella #Mia shares her umbrella with Tom.
-[NC] the sun comes out over the city #The sun comes out.
-"""
-
 
 @app.callback()
 def _commands() -> None:
@@ -121,6 +93,10 @@ def story_command(
     vae_tiling: Annotated[bool, typer.Option(help="Decode large images in tiles.")] = False,
     bank_dtype: Annotated[str, typer.Option(help="Identity bank storage: int8, float16, bfloat16, float32.")] = "int8",
     overwrite: Annotated[bool, typer.Option(help="Start over instead of resuming what OUT holds.")] = False,
+    bank: Annotated[
+        list[Path] | None,
+        typer.Option(help="A saved character (banks/Name.safetensors of an earlier run) to reuse; repeatable."),
+    ] = None,
 ) -> None:
     """Generate a story's panels, its comic pages and PDF into OUT (resuming what OUT already holds)."""
     from .comic import ComicLayout
@@ -142,8 +118,11 @@ def story_command(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if (story_file is None) == (characters is None and frames is None):
         raise StoryDiffusionError("give either a STORY file or --characters and --frames, not both or neither")
+    from .bank import IdentityBank
+
+    banked = [IdentityBank.character_in(path) for path in bank or ()]  # they need no reference frames
     if story_file is not None:
-        story = Story.from_file(story_file, overrides)
+        story = Story.from_file(story_file, overrides, banked=banked)
     else:
         if frames is None:
             raise StoryDiffusionError("--characters needs --frames: the file with one frame per line")
@@ -153,6 +132,7 @@ def story_command(
             StorySettings(**overrides),
             characters_source=str(characters or "<characters>"),
             frames_source=str(frames),
+            banked=banked,
         )
     settings = story.settings
     options = RunOptions(
@@ -166,7 +146,7 @@ def story_command(
         overwrite=overwrite,
     )
     started = time.perf_counter()
-    result = run_story(story, out, options)
+    result = run_story(story, out, options, bank_files=bank or ())
     _report(result, time.perf_counter() - started)
 
 
@@ -223,6 +203,116 @@ def eval_command(
     )
     typer.echo(json.dumps(result))
 
+
+@app.command("ui")
+def ui_command(
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 serves the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 7860,
+    model: Annotated[
+        str | None, typer.Option(help="Hub id, folder, 'tiny' (default, shipped) or 'tiny-random'.")
+    ] = None,
+) -> None:
+    """Serve the web UI (Gradio): write a story, generate its panels, comic pages, PDF and banks."""
+    try:
+        from .ui import serve
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "gradio":
+            raise
+        raise StoryDiffusionError("the web UI needs gradio: pip install 'storydiffusion[ui]'") from None
+    from .runner import default_model
+
+    serve(model or default_model(), host=host, port=port)
+
+
+
+@app.command("video")
+def video_command(
+    start: Annotated[Path | None, typer.Argument(help="Start keyframe (PNG/JPEG...).", show_default=False)] = None,
+    end: Annotated[Path | None, typer.Argument(help="End keyframe, same size as START.", show_default=False)] = None,
+    prompt: Annotated[str, typer.Option(help="What happens between the keyframes.")] = "",
+    story: Annotated[
+        Path | None,
+        typer.Option(help="A `storydiffusion story` output folder: chain all its panels into one video."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Video file (.mp4 or .gif). Default: clip.mp4, or STORY/story.mp4.")
+    ] = None,
+    frames: Annotated[int, typer.Option(help="Frames per transition, both keyframes included (>= 2).")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 25,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Guidance scale on the prompt (1 = off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    motion: Annotated[str, typer.Option(help="smp (motion predictor) or linear (its transformer bypassed).")] = "smp",
+    fps: Annotated[float, typer.Option(min=0.1, help="Frames per second of the video file.")] = 8.0,
+    model: Annotated[str, typer.Option(help="TransitionPipeline: 'tiny' (shipped), a folder or a hub id.")] = "tiny",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
+) -> None:
+    """Animate between two keyframes (START END --prompt ...), or between every pair of consecutive
+    panels of a story run (--story OUT_DIR), and write an MP4 or GIF."""
+    from tqdm.auto import tqdm
+
+    from .video.runner import TransitionSettings, load_transition_pipeline, run_story_video, run_transition
+
+    if (story is None) == (start is None or end is None):
+        raise typer.BadParameter("give either START and END images, or --story OUT_DIR (not both)")
+    if motion not in ("smp", "linear"):
+        raise typer.BadParameter(f"--motion {motion!r}: choose smp or linear")
+    settings = TransitionSettings(num_frames=frames, steps=steps, guidance=guidance, seed=seed, motion=motion)
+    started = time.perf_counter()
+    pipe = load_transition_pipeline(model, device, dtype)
+    if story is None:
+        pipe.set_progress_bar_config(desc="frames", leave=False)
+        path = run_transition(pipe, start, end, prompt, out or Path("clip.mp4"), settings, fps)
+        typer.echo(f"wrote {path} ({frames} frames) in {time.perf_counter() - started:.1f} s")
+        return
+    pipe.set_progress_bar_config(disable=True)
+    with tqdm(desc="transitions", unit="transition") as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        path, reused = run_story_video(pipe, story, out, settings, fps, on_transition=advance)
+    again = f", {len(reused)} transition(s) reused" if reused else ""
+    typer.echo(f"wrote {path}{again} in {time.perf_counter() - started:.1f} s")
+
+
+@app.command("eval-video")
+def eval_video_command(
+    model: Annotated[str, typer.Option(help="TransitionPipeline: 'tiny' (shipped), a folder or a hub id.")] = "tiny",
+    clips: Annotated[int, typer.Option(min=1, help="Held-out tiny-world transitions to score.")] = 24,
+    frames: Annotated[int, typer.Option(min=3, help="Frames per transition, keyframes included.")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Guidance scale (1 = off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of clip i's noise is seed + i.")] = 0,
+    clip_model: Annotated[str, typer.Option(help="CLIPModel for CLIPSIM: 'tiny', a hub id or a folder.")] = "tiny",
+    quick: Annotated[bool, typer.Option(help="8 clips, 10 steps: a check in under 3 minutes.")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
+    images: Annotated[Path | None, typer.Option(help="Save each clip's frames, one row per arm, here.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Score transitions in three arms (smp, linear_embedding, latent_interpolation): trajectory error,
+    identity agreement, LPIPS-style and CLIPSIM first/frames; the last line printed is the JSON result."""
+    import json
+
+    from .clip_score import ClipScorer
+    from .video.runner import load_transition_pipeline
+    from .video_eval import VideoEvalSettings, evaluate_video, write_result
+    from .world_classifier import load_default_classifier
+
+    if quick:
+        clips, steps = min(clips, 8), min(steps, 10)
+    started = time.perf_counter()
+    pipe = load_transition_pipeline(model, device)
+    pipe.set_progress_bar_config(disable=True)
+    settings = VideoEvalSettings(clips=clips, num_frames=frames, steps=steps, guidance=guidance, seed=seed)
+    result = evaluate_video(
+        pipe, settings, load_default_classifier(pipe.device), ClipScorer(clip_model, pipe.device), images_dir=images
+    )
+    if json_path is not None:
+        write_result(result, json_path)
+    typer.echo(f"evaluated {result['clips']} transitions in {time.perf_counter() - started:.0f} s", err=True)
+    typer.echo(json.dumps(result))
 
 def _read_text(path: Path) -> str:
     try:

@@ -10,7 +10,9 @@ made under different settings.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .attention import CSAConfig
-from .bank import IdentityBank
+from .bank import BankSettings, IdentityBank
 from .comic import ComicLayout, make_comic, save_comic
 from .errors import StoryDiffusionError
 from .files import write_atomically
@@ -134,11 +136,13 @@ def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) 
 
 
 # -- the run -------------------------------------------------------------------------------------
-def run_settings(story: Story, model: str, options: RunOptions) -> dict[str, Any]:
+def run_settings(
+    story: Story, model: str, options: RunOptions, bank_files: Sequence[str | Path] = ()
+) -> dict[str, Any]:
     """Everything that decides the panels' pixels; a resumed run must match it exactly."""
     s = story.settings
     rate = {str(k): v for k, v in s.rate.items()} if isinstance(s.rate, dict) else s.rate
-    return {
+    settings = {
         "model": model,
         "dtype": options.dtype,
         "style": s.style,
@@ -153,6 +157,27 @@ def run_settings(story: Story, model: str, options: RunOptions) -> dict[str, Any
         "bank_dtype": options.bank_dtype,
         "characters": story.character_descriptions(),
     }
+    if bank_files:  # only then, so runs without given banks resume folders made before this key existed
+        settings["banks"] = sorted(_file_digest(Path(path)) for path in bank_files)
+    return settings
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError as error:
+        raise StoryDiffusionError(f"cannot read bank file {path}: {error.strerror or error}") from None
+
+
+def load_bank_files(paths: Sequence[str | Path], expected: BankSettings) -> dict[str, IdentityBank]:
+    """Saved characters to reuse, keyed by the character each file holds; refuses two for one name."""
+    banks: dict[str, IdentityBank] = {}
+    for path in paths:
+        bank = IdentityBank.load(path, expected=expected)
+        if bank.character in banks:
+            raise StoryDiffusionError(f"two bank files hold character {bank.character!r}; give one per character")
+        banks[bank.character] = bank
+    return banks
 
 
 def _panel_record(info: FrameInfo, caption: str, file: str) -> dict[str, Any]:
@@ -241,12 +266,19 @@ def run_story(
     out: str | Path,
     options: RunOptions | None = None,
     pipeline: StoryPipeline | None = None,
+    bank_files: Sequence[str | Path] = (),
+    on_panel: Callable[[int, Path], None] | None = None,
 ) -> RunResult:
-    """Generate (or finish) `story` into the folder `out`; see the module docstring."""
+    """Generate (or finish) `story` into the folder `out`; see the module docstring.
+
+    `bank_files`: saved identity banks (`banks/Name.safetensors` of an earlier run) whose characters
+    are drawn from them instead of new reference frames. `on_panel(index, path)` is called as soon as
+    a panel's file is written.
+    """
     options = options or RunOptions()
     out = Path(out)
     model = story.settings.model or options.model
-    settings = run_settings(story, model, options)
+    settings = run_settings(story, model, options, bank_files)
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(out, settings, options.overwrite)
 
@@ -263,8 +295,9 @@ def run_story(
     # A saved bank is reused only when all of its character's reference panels are on disk, so a
     # resumed run draws exactly what an uninterrupted one would have.
     bank_settings = story_pipe.bank_settings(s.steps, s.guidance, s.width, s.height, s.id_length)
-    references = StoryPipeline.reference_frames(frames, s.id_length, exclude=set())
-    banks: dict[str, IdentityBank] = {}
+    given = load_bank_files(bank_files, bank_settings)
+    references = StoryPipeline.reference_frames(frames, s.id_length, exclude=set(given))
+    banks: dict[str, IdentityBank] = dict(given)
     for name, indices in references.items():
         path = out / "banks" / f"{name}.safetensors"
         if (
@@ -279,6 +312,8 @@ def run_story(
         record = _panel_record(info, story.panels[info.index].caption, file)
         save_panel(image, record, settings, out / file)
         manifest.add_panel(record)
+        if on_panel is not None:
+            on_panel(info.index, out / file)
 
     def on_bank(name: str, bank: IdentityBank) -> None:
         bank.save(out / "banks" / f"{name}.safetensors")

@@ -57,7 +57,7 @@ import json
 import math
 import re
 import reprlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -273,23 +273,28 @@ class Story:
         settings: StorySettings | None = None,
         characters_source: str = "<characters>",
         frames_source: str = "<frames>",
+        banked: Collection[str] = (),
     ) -> Story:
         """A story from the demo's two text boxes: `[Name] description` lines and frame lines.
 
         In both texts blank lines and lines starting with `//` are ignored; see the module docstring
-        for the frame syntax. The sources name the boxes in errors. Raises StoryFormatError.
+        for the frame syntax. The sources name the boxes in errors. `banked`: characters that come
+        from saved banks (they need no reference frames). Raises StoryFormatError.
         """
         characters = _parse_characters_text(characters_text, _Where(characters_source), _same_line)
         panels = _parse_frames_text(frames_text, characters, _Where(frames_source), _same_line)
         story = cls(characters, panels, settings if settings is not None else StorySettings(), frames_source)
-        story.validate()
+        story.validate(banked)
         return story
 
     @classmethod
-    def from_file(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> Story:
+    def from_file(
+        cls, path: str | Path, overrides: Mapping[str, Any] | None = None, banked: Collection[str] = ()
+    ) -> Story:
         """A story from a .yaml / .yml / .json file (see the module docstring for the schema).
 
-        `overrides` replace settings (e.g. from the command line) before the story is validated.
+        `overrides` replace settings (e.g. from the command line) before the story is validated;
+        `banked` names characters that come from saved banks (they need no reference frames).
         """
         path = Path(path)
         source = str(path)
@@ -312,7 +317,7 @@ class Story:
                 node = None
         else:
             data, node = _load_yaml(text, source)
-        return cls._from_mapping(data, _Nodes(node, source), overrides)
+        return cls._from_mapping(data, _Nodes(node, source), overrides, banked)
 
     @classmethod
     def from_dict(
@@ -322,7 +327,9 @@ class Story:
         return cls._from_mapping(data, _Nodes(None, source), overrides)
 
     @classmethod
-    def _from_mapping(cls, data: Any, nodes: _Nodes, overrides: Mapping[str, Any] | None = None) -> Story:
+    def _from_mapping(
+        cls, data: Any, nodes: _Nodes, overrides: Mapping[str, Any] | None = None, banked: Collection[str] = ()
+    ) -> Story:
         source = nodes.source
         if data is None:
             raise StoryFormatError("the story is empty; give at least `frames` (and usually `characters`)", source)
@@ -347,18 +354,19 @@ class Story:
         characters = _characters_from_value(data.get("characters"), nodes)
         panels = _panels_from_value(data["frames"], characters, nodes)
         story = cls(characters, panels, settings, source)
-        story.validate()
+        story.validate(banked)
         return story
 
     # -- checks ------------------------------------------------------------------------------
-    def validate(self) -> None:
+    def validate(self, banked: Collection[str] = ()) -> None:
         """Raise StoryFormatError if the story cannot be rendered (no frames, too few reference frames)."""
         if not self.panels:
             raise StoryFormatError("the story has no frames; add one line per panel", self.source, None, None)
-        self.validate_references()
+        self.validate_references(banked=banked)
 
-    def validate_references(self, id_length: int | None = None) -> None:
-        """Every character named in a frame needs `id_length` frames that show it alone.
+    def validate_references(self, id_length: int | None = None, banked: Collection[str] = ()) -> None:
+        """Every character named in a frame, unless `banked` (drawn from a saved bank), needs
+        `id_length` frames that show it alone.
 
         The pipeline generates a character's first `id_length` solo frames together as its references.
         """
@@ -369,6 +377,8 @@ class Story:
                 f"id_length must be a whole number >= 1, got {_show(id_length)}", self.source, None, "id_length"
             )
         for name in dict.fromkeys(n for panel in self.panels for n in panel.characters):
+            if name in banked:
+                continue
             solo = [panel for panel in self.panels if panel.characters == (name,)]
             if len(solo) >= id_length:
                 continue

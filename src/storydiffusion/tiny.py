@@ -14,6 +14,7 @@ from pathlib import Path
 TINY = "tiny"  # short name of the shipped model, wherever a model id or folder is taken
 TINY_DIR = Path(str(files("storydiffusion") / "assets" / "tiny"))
 TINY_CLIP_DIR = TINY_DIR / "clip"
+TINY_VIDEO_DIR = TINY_DIR.parent / "tiny_video"  # the shipped tiny TransitionPipeline
 TINY_SIZE = 64  # the panel size the tiny model was trained on
 
 
@@ -30,3 +31,8 @@ def resolve_model(model: str) -> str:
 def resolve_clip(model: str) -> str:
     """`tiny` -> the shipped tiny CLIP folder; anything else (hub id, folder) unchanged."""
     return str(TINY_CLIP_DIR) if model == TINY else model
+
+
+def resolve_video_model(model: str) -> str:
+    """`tiny` -> the shipped tiny transition (video) pipeline folder; anything else unchanged."""
+    return str(TINY_VIDEO_DIR) if model == TINY else model

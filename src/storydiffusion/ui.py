@@ -1,0 +1,548 @@
+"""The web UI: a Gradio app that turns a story into panels, comic pages, a PDF and a zip of the run.
+
+`storydiffusion ui` serves it. The server side is a `StoryApp`: it owns the loaded pipeline, the
+folder the runs are written to and the event handlers; `StoryApp.build()` lays the page out from
+them (no module globals). Every click of Generate writes its run into a fresh folder of its own and
+the page keeps its last run in a `gr.State`, so two browser sessions never see each other's files.
+
+    app = StoryApp(model="tiny")
+    demo = app.build()                 # a gr.Blocks; or app.launch(host, port) to serve it
+    for update in app.generate(make_story(characters, frames, steps=8)):
+        print(len(update.panels), "of", update.total)
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from queue import Queue
+from typing import Any
+
+import gradio as gr
+import yaml
+
+from .attention import CSAConfig
+from .bank import IdentityBank
+from .comic import ComicLayout
+from .errors import StoryDiffusionError
+from .examples import DEMO_CHARACTERS, DEMO_FRAMES
+from .pipeline import StoryPipeline
+from .runner import TINY_RANDOM, RunOptions, RunResult, default_model, load_story_pipeline, run_story
+from .story import Story, StoryFormatError, StorySettings
+from .styles import DEFAULT_STYLE, style_names
+from .tiny import TINY, TINY_SIZE, tiny_model_available
+
+RUN_DIR = "story"  # a run's files, inside its folder; also the top folder of its zip
+STORY_FILE = "story.yaml"  # the run's story and settings, for `storydiffusion story story.yaml`
+RUN_MAX_AGE_S = 24 * 3600  # a served app deletes runs older than this (their files, banks and zips)
+
+SYNTAX = """\
+**Characters**: one per line, `[Name] description`.
+
+**Frames**: one panel per line.
+- `[Name]` stands for that character's description; a frame may name several characters.
+- `[NC]` marks a panel without characters.
+- Text after the last `#` is the panel's caption.
+- Blank lines and lines starting with `//` are skipped.
+
+A character's first *id_length* frames that show it alone are its reference frames: they are drawn
+together, and every later frame naming it borrows from them, so it stays the same person.
+
+**CSA rate**: the share of the other images' tokens each image attends to, from 0 to 1 (`0.5`), or
+one rate per resolution level (`2: 0.5, 4: 0.5`). **Size**: `WxH` in multiples of 8; empty for the
+model's own size.
+"""
+
+# One-click stories in the tiny model's grammar (`storydiffusion.world`): kinds, hair, clothes, a
+# pose and a scene. The first is the `storydiffusion demo` story.
+EXAMPLES = [
+    [DEMO_CHARACTERS, DEMO_FRAMES],
+    [
+        "[Mia] a girl with curly red hair\n",
+        "[Mia], walking in the city #Mia goes out.\n"
+        "[Mia], running on a beach #She runs by the sea.\n"
+        "[Mia], sitting in a room #Home again.\n"
+        "[NC] a forest at night #The end.\n",
+    ],
+]
+
+
+@dataclass
+class RunUpdate:
+    """Where a run stands: the panels finished so far and, on the last update, everything it wrote."""
+
+    run_dir: Path  # the run's folder: its files under story/, its zip
+    panels: list[tuple[Path, str]]  # finished panels in story order, with their captions
+    total: int  # panels in the story
+    seconds: float
+    result: RunResult | None = None  # set on the last update
+    zip: Path | None = None  # the whole run as one file, on the last update
+
+
+# -- the form -> a story -------------------------------------------------------------------------
+def parse_rate(text: str | float) -> float | dict[int, float]:
+    """The CSA rate field: one number (`0.5`) or per resolution level (`2: 0.5, 4: 0.5`); unchecked values."""
+    if isinstance(text, int | float):
+        return float(text)
+    text = str(text).strip()
+    try:
+        if ":" not in text:
+            return float(text)
+        rates = {}
+        for item in text.split(","):
+            level, rate = item.split(":")
+            rates[int(level)] = float(rate)
+        return rates
+    except ValueError:
+        raise StoryFormatError(
+            f"the CSA rate is a number from 0 to 1 (0.5) or level: rate pairs (2: 0.5, 4: 0.5), got {text!r}",
+            "Settings",
+            None,
+            "rate",
+        ) from None
+
+
+def parse_size(text: str) -> tuple[int | None, int | None]:
+    """The size field: `WxH`, one number for a square, or empty for the model's own size."""
+    text = (text or "").strip()
+    if not text:
+        return None, None
+    match = re.fullmatch(r"(\d+)\s*(?:[xX×]\s*(\d+))?", text)
+    if match is None:
+        raise StoryFormatError(f"size is WxH (e.g. 64x64) or empty, got {text!r}", "Settings", None, "size")
+    width = int(match.group(1))
+    return width, int(match.group(2) or width)
+
+
+def _whole(value: Any) -> Any:
+    """Gradio's sliders and numbers may send 8.0 for 8; StorySettings wants whole numbers as int."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def make_story(
+    characters: str,
+    frames: str,
+    *,
+    style: str = DEFAULT_STYLE,
+    model: str | None = None,
+    id_length: int = 2,
+    rate: str | float = "0.5",
+    steps: int = 20,
+    guidance: float = 4.0,
+    size: str = "",
+    seed: int = 0,
+    banked: Sequence[str] = (),
+) -> Story:
+    """The story the form describes; raises StoryFormatError naming the box and line, or the setting.
+    `banked`: characters that come from uploaded bank files (they need no reference frames)."""
+    width, height = parse_size(size)
+    try:
+        settings = StorySettings(
+            style=style,
+            seed=_whole(seed),
+            steps=_whole(steps),
+            guidance=guidance,
+            width=width,
+            height=height,
+            id_length=_whole(id_length),
+            rate=parse_rate(rate),
+            model=model,
+        )
+    except StoryFormatError as error:  # "<settings>" means the settings fields of this page
+        raise StoryFormatError(error.message, "Settings", None, error.field) from None
+    return Story.from_text(
+        characters, frames, settings, characters_source="Characters", frames_source="Frames", banked=banked
+    )
+
+
+def story_yaml(story: Story) -> str:
+    """The story as a story file (frames as written, settings), so a run can be repeated from its zip."""
+    s = story.settings
+    data: dict[str, Any] = {
+        "characters": story.character_descriptions(),
+        "frames": [panel.text for panel in story.panels],
+        "style": s.style,
+        "seed": s.seed,
+        "steps": s.steps,
+        "guidance": s.guidance,
+        "id_length": s.id_length,
+        "rate": s.rate,
+    }
+    if s.width and s.height:
+        data["size"] = f"{s.width}x{s.height}"
+    if s.negative_prompt:
+        data["negative_prompt"] = s.negative_prompt
+    if s.model:
+        data["model"] = s.model
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _markdown_text(text: str) -> str:
+    """User text (a frame, an error naming one) shown literally in a gr.Markdown."""
+    return re.sub(r"([\\`*_\[\]#|])", r"\\\1", html.escape(text, quote=False))
+
+
+# -- the server side -----------------------------------------------------------------------------
+class StoryApp:
+    """The web UI's server side: the loaded model, the runs' folder and the event handlers.
+
+    One pipeline is loaded at a time (the last model asked for) and shared by all sessions. A diffusers
+    pipeline is not safe to run twice at once (the scheduler's timesteps and CSA's processors are set
+    on it per call), so generation holds `self._lock`: concurrent sessions queue instead of sharing a
+    pipeline mid-call, which on one GPU costs nothing (it runs one story at a time anyway), while a
+    pipeline per session would multiply the memory by the number of users.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        root: str | Path | None = None,
+        options: RunOptions | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        video_model: str = TINY,
+    ) -> None:
+        self.model = model or default_model()
+        self.video_model = video_model  # the TransitionPipeline of the video tab, loaded on first use
+        # The page offers the model the server was started with and the shipped ones, not any path
+        # or hub id: what the server loads is its owner's choice.
+        shipped = [TINY] if tiny_model_available() else []
+        self.models = list(dict.fromkeys([self.model, *shipped, TINY_RANDOM]))
+        self.options = options or RunOptions(progress=False)
+        self._own_root = root is None
+        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="storydiffusion-ui-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.defaults = {**self.model_defaults(self.model), **(defaults or {})}
+        self._lock = threading.Lock()
+        self._loaded: tuple[str, Any] | None = None  # (model name, diffusers pipeline)
+        self._video: Any = None  # the TransitionPipeline, once the video tab asks for it
+
+    @staticmethod
+    def model_defaults(model: str) -> dict[str, Any]:
+        """The form's starting values: the tiny model's own size and guidance, or SDXL-like ones."""
+        common = {"id_length": 2, "rate": "0.5", "seed": 0, "characters": "", "frames": ""}
+        if model in (TINY, TINY_RANDOM):
+            return {**common, "style": DEFAULT_STYLE, "steps": 20, "guidance": 4.0, "size": f"{TINY_SIZE}x{TINY_SIZE}"}
+        return {**common, "style": "Comic book", "steps": 30, "guidance": 5.0, "size": ""}
+
+    # -- generation ----------------------------------------------------------------------------
+    def _pipeline(self, model: str) -> Any:
+        """The diffusers pipeline of `model`, loaded on first use; call with `self._lock` held."""
+        if self._loaded is None or self._loaded[0] != model:
+            self._loaded = None  # let the previous model go before loading the next
+            self._loaded = (model, load_story_pipeline(model, self.options, CSAConfig()).pipe)
+        return self._loaded[1]
+
+    def preload(self) -> None:
+        """Load the default model now, so the first Generate does not wait for it."""
+        with self._lock:
+            self._pipeline(self.model)
+
+    def served_model(self, story: Story) -> str:
+        """The model `story` asks for (default: the app's); raises unless the page offers it."""
+        model = story.settings.model or self.model
+        if model not in self.models:
+            raise StoryDiffusionError(f"model {model!r} is not served here; choose one of {self.models}")
+        return model
+
+    def new_run_dir(self) -> Path:
+        """A fresh folder for one run: every Generate of every session gets its own. Runs older than
+        RUN_MAX_AGE_S go, so a server that stays up does not fill its disk."""
+        for old in self.root.glob("run-*"):
+            if time.time() - old.stat().st_mtime > RUN_MAX_AGE_S:
+                shutil.rmtree(old, ignore_errors=True)
+        path = self.root / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        return path
+
+    def generate(self, story: Story, bank_files: Sequence[str | Path] = ()) -> Iterator[RunUpdate]:
+        """Run `story` into a fresh folder, yielding an update as each panel finishes and a last one
+        with the run's result and zip. `bank_files`: saved characters to reuse (see `run_story`)."""
+        model = self.served_model(story)
+        run_dir = self.new_run_dir()
+        out = run_dir / RUN_DIR
+        out.mkdir()
+        (out / STORY_FILE).write_text(story_yaml(story), encoding="utf-8")
+        s = story.settings
+        options = replace(self.options, model=model, layout=ComicLayout(seed=s.seed), progress=False)
+        events: Queue[tuple[str, Any]] = Queue()
+
+        def work() -> None:  # in a thread, so this generator can yield while panels are drawn
+            try:
+                with self._lock:
+                    # a fresh StoryPipeline per run: its CSA settings (the rate) are this story's
+                    pipe = StoryPipeline(self._pipeline(model), CSAConfig(rate=s.rate), bank_dtype=options.bank_dtype)
+                    result = run_story(
+                        story,
+                        out,
+                        options,
+                        pipeline=pipe,
+                        bank_files=list(bank_files),
+                        on_panel=lambda index, path: events.put(("panel", (index, path))),
+                    )
+                events.put(("done", result))
+            except BaseException as error:  # handed to the generator, which raises it in the caller
+                events.put(("error", error))
+
+        started = time.perf_counter()
+        threading.Thread(target=work, name=f"storydiffusion-{run_dir.name}", daemon=True).start()
+        finished: dict[int, Path] = {}
+        captions = [panel.caption for panel in story.panels]
+
+        def update(**extra: Any) -> RunUpdate:
+            panels = [(finished[i], captions[i]) for i in sorted(finished)]
+            return RunUpdate(run_dir, panels, len(captions), time.perf_counter() - started, **extra)
+
+        while True:
+            kind, value = events.get()
+            if kind == "error":
+                raise value
+            if kind == "panel":
+                finished[value[0]] = value[1]
+                yield update()
+                continue
+            result: RunResult = value
+            finished.update(enumerate(result.panels))
+            archive = shutil.make_archive(str(run_dir / "storydiffusion-run"), "zip", run_dir, RUN_DIR)
+            yield update(result=result, zip=Path(archive))
+            return
+
+    # -- event handlers: form values in, component values out (`outputs` in build) -----------------
+    def on_generate(
+        self,
+        characters: str,
+        frames: str,
+        style: str,
+        model: str,
+        id_length: float,
+        rate: str,
+        steps: float,
+        guidance: float,
+        size: str,
+        seed: float,
+        bank_files: Sequence[str] | None,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio finds the tracker by this default
+    ) -> Iterator[tuple[Any, ...]]:
+        """Generate: yields (message, panels, pages, pdf, zip, banks, session) as the run goes.
+
+        A mistake in the story or the settings becomes a message in the page, never a traceback.
+        """
+        keep = gr.update()  # leave a component as it is
+        try:
+            story = make_story(
+                characters,
+                frames,
+                style=style,
+                model=model,
+                id_length=id_length,
+                rate=rate,
+                steps=steps,
+                guidance=guidance,
+                size=size,
+                seed=seed,
+                banked=[IdentityBank.character_in(path) for path in bank_files or ()],
+            )
+            self.served_model(story)
+            total = len(story.panels)
+            progress((0, total), desc="panels", unit="panels")
+            yield _message(f"Drawing {total} panels..."), [], [], None, None, None, keep
+            for update in self.generate(story, bank_files or ()):
+                progress((len(update.panels), total), desc="panels", unit="panels")
+                panels = [(str(path), caption) for path, caption in update.panels]
+                if update.result is None:
+                    text = f"{len(update.panels)} of {total} panels done ({update.seconds:.0f} s)..."
+                    yield _message(text), panels, keep, keep, keep, keep, keep
+                    continue
+                result = update.result
+                banks = [str(path) for path in result.banks.values()]
+                session = {"out": str(result.out), "panels": panels, "banks": banks}
+                text = f"{total} panels, {len(result.pages)} comic page(s) in {update.seconds:.1f} s."
+                pages = [str(path) for path in result.pages]
+                yield _message(text), panels, pages, str(result.pdf), str(update.zip), banks or None, session
+        except StoryDiffusionError as error:
+            yield _message(str(error), error=True), keep, keep, keep, keep, keep, keep
+
+    def on_reuse(self, session: Mapping[str, Any] | None) -> tuple[Any, str]:
+        """Reuse this session's last characters: its run's bank files go to the bank upload box."""
+        if not session or not session.get("banks"):
+            return gr.update(), _message("Generate a story with characters first; its banks are then reusable.")
+        names = ", ".join(Path(path).stem for path in session["banks"])
+        return session["banks"], _message(f"The next run reuses {names}: same settings (size, steps, guidance).")
+
+    # -- the video tab ---------------------------------------------------------------------------------
+    def _video_pipeline(self) -> Any:
+        """The transition pipeline, loaded on first use; call with `self._lock` held."""
+        if self._video is None:
+            from .video.runner import load_transition_pipeline
+
+            self._video = load_transition_pipeline(self.video_model, self.options.device)
+            self._video.set_progress_bar_config(disable=True)
+        return self._video
+
+    @staticmethod
+    def _last_run(session: Mapping[str, Any] | None) -> Path:
+        if not session or not session.get("out"):
+            raise StoryDiffusionError("generate a story first: the video tab animates its panels")
+        return Path(session["out"])
+
+    def transition_video(
+        self, session: Mapping[str, Any] | None, start: int, end: int, settings: Any, fps: float = 8.0
+    ) -> Path:
+        """A transition between panels `start` and `end` (1-based) of this session's last run, as MP4."""
+        from .video.runner import run_transition, story_panels
+
+        out = self._last_run(session)
+        panels = story_panels(out)
+        for name, number in (("From panel", start), ("To panel", end)):
+            if not 1 <= int(number) <= len(panels):
+                raise StoryDiffusionError(f"{name} is {int(number)}: the story has panels 1 to {len(panels)}")
+        (start_file, _), (end_file, prompt) = panels[int(start) - 1], panels[int(end) - 1]
+        target = out.parent / "video" / f"transition_{int(start)}_{int(end)}_seed{settings.seed}.mp4"
+        with self._lock:
+            return run_transition(self._video_pipeline(), start_file, end_file, prompt, target, settings, fps)
+
+    def story_video(self, session: Mapping[str, Any] | None, settings: Any, fps: float = 8.0) -> Path:
+        """Every pair of consecutive panels of this session's last run chained into one MP4."""
+        from .video.runner import run_story_video
+
+        out = self._last_run(session)
+        with self._lock:
+            path, _ = run_story_video(self._video_pipeline(), out, out.parent / "story.mp4", settings, fps)
+        return path
+
+    def on_video(
+        self, session: Mapping[str, Any] | None, whole_story: bool, start: float, end: float, frames: float,
+        steps: float, seed: float, motion: str,
+    ) -> tuple[str, Any]:
+        """Animate: (message, video file) for a transition or the whole story; mistakes become messages."""
+        from .video.runner import TransitionSettings
+
+        try:
+            settings = TransitionSettings(
+                num_frames=int(frames), steps=int(steps), seed=int(seed), motion=motion, guidance=1.0
+            )
+            started = time.perf_counter()
+            path = self.story_video(session, settings) if whole_story else self.transition_video(
+                session, int(start), int(end), settings
+            )
+            return _message(f"Wrote {path.name} in {time.perf_counter() - started:.1f} s."), str(path)
+        except StoryDiffusionError as error:
+            return _message(str(error), error=True), None
+
+    # -- the page ------------------------------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        """The page: the story tab (boxes, settings, results, characters to reuse) and the video tab."""
+        d = self.defaults
+        # delete_cache: Gradio's copies of the files it served go after a day too, and at shutdown
+        with gr.Blocks(title="StoryDiffusion", analytics_enabled=False, delete_cache=(3600, RUN_MAX_AGE_S)) as demo:
+            session = gr.State(None)  # this browser session's last run: {"out", "panels", "banks"}
+            gr.Markdown("# StoryDiffusion\nCharacters and one line per scene in; consistent panels and a comic out.")
+            with gr.Tabs():
+                with gr.Tab("Story"):
+                    with gr.Row():
+                        with gr.Column(scale=3):
+                            characters = gr.Textbox(
+                                d["characters"], label="Characters", lines=3, placeholder="[Bob] a man with red hair"
+                            )
+                            frames = gr.Textbox(
+                                d["frames"], label="Frames", lines=8, placeholder="[Bob], walking in the city #Caption"
+                            )
+                        with gr.Column(scale=2):
+                            gr.Markdown(SYNTAX)
+                    gr.Examples(EXAMPLES, inputs=[characters, frames], label="Example stories (one click)")
+                    with gr.Accordion("Settings", open=True):
+                        with gr.Row():
+                            style = gr.Dropdown(style_names(), value=d["style"], label="Style")
+                            model = gr.Dropdown(self.models, value=self.model, label="Model")
+                            size = gr.Textbox(d["size"], label="Size", placeholder="WxH; empty: the model's own")
+                            seed = gr.Number(d["seed"], label="Seed", precision=0, minimum=0)
+                        with gr.Row():
+                            id_length = gr.Slider(1, 6, d["id_length"], step=1, label="id_length (reference frames)")
+                            rate = gr.Textbox(d["rate"], label="CSA rate", placeholder="0.5 or 2: 0.5, 4: 0.5")
+                            steps = gr.Slider(1, 100, d["steps"], step=1, label="Steps")
+                            guidance = gr.Slider(0.0, 15.0, d["guidance"], step=0.5, label="Guidance")
+                    with gr.Accordion("Reuse characters", open=False):
+                        bank_upload = gr.File(
+                            label="Bank files to reuse (Name.safetensors from an earlier run's banks)",
+                            file_count="multiple",
+                            file_types=[".safetensors"],
+                            elem_id="bank-upload",
+                        )
+                        reuse = gr.Button("Reuse this session's last characters", size="sm")
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    message = gr.Markdown(elem_id="message")
+                    panels = gr.Gallery(label="Panels", columns=6, object_fit="contain", elem_id="panels")
+                    pages = gr.Gallery(label="Comic pages", columns=2, object_fit="contain", elem_id="pages")
+                    with gr.Row():
+                        pdf = gr.File(label="Comic (PDF)", elem_id="pdf")
+                        archive = gr.File(label="Run (zip)", elem_id="zip")
+                        banks = gr.File(label="Characters (bank files)", file_count="multiple", elem_id="banks")
+                with gr.Tab("Video"):
+                    gr.Markdown(
+                        "Animate the last story you generated here: a transition between two of its panels, "
+                        "or every pair of consecutive panels chained into one video (the Semantic Motion "
+                        "Predictor plans the in-between frames; the next panel's prompt says what happens)."
+                    )
+                    with gr.Row():
+                        whole_story = gr.Checkbox(False, label="Whole story (all panels in order)")
+                        start_panel = gr.Number(1, label="From panel", precision=0, minimum=1)
+                        end_panel = gr.Number(2, label="To panel", precision=0, minimum=1)
+                    with gr.Row():
+                        video_frames = gr.Slider(3, 16, 8, step=1, label="Frames per transition")
+                        video_steps = gr.Slider(1, 50, 10, step=1, label="Steps")
+                        video_seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+                        motion = gr.Radio(["smp", "linear"], value="smp", label="Motion")
+                    animate = gr.Button("Animate", variant="primary", elem_id="animate")
+                    video_message = gr.Markdown(elem_id="video-message")
+                    video = gr.Video(label="Video", elem_id="video")
+
+            inputs = [characters, frames, style, model, id_length, rate, steps, guidance, size, seed, bank_upload]
+            outputs = [message, panels, pages, pdf, archive, banks, session]
+            # one generation at a time per app (see the class docstring); the rest wait in the queue
+            generate.click(self.on_generate, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
+            reuse.click(self.on_reuse, [session], [bank_upload, message])
+            video_inputs = [session, whole_story, start_panel, end_panel, video_frames, video_steps, video_seed, motion]
+            animate.click(
+                self.on_video, video_inputs, [video_message, video], concurrency_limit=1, concurrency_id="generate"
+            )
+        return demo
+
+    def launch(self, host: str = "127.0.0.1", port: int = 7860, block: bool = True, **kwargs: Any) -> gr.Blocks:
+        """Serve the page on host:port (no share link, no analytics); `block=False` returns at once."""
+        demo = self.build()
+        demo.queue(default_concurrency_limit=4)
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            prevent_thread_lock=not block,
+            allowed_paths=[str(self.root)],
+            **kwargs,
+        )
+        return demo
+
+    def close(self) -> None:
+        """Delete the runs' folder if this app made it."""
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _message(text: str, error: bool = False) -> str:
+    return f"**Error:** {_markdown_text(text)}" if error else _markdown_text(text)
+
+
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860) -> None:
+    """`storydiffusion ui`: load the model, serve the page until interrupted, then delete the runs."""
+    app = StoryApp(model)
+    try:
+        app.preload()
+        app.launch(host, port)
+    finally:
+        app.close()

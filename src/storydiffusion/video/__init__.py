@@ -1,0 +1,20 @@
+"""The video half: the Semantic Motion Predictor, the transition video model and pipeline, export."""
+
+from .export import read_video, write_frames, write_video
+from .pipeline import TransitionPipeline, TransitionPipelineOutput
+from .smp import SemanticMotionPredictor, interpolate_embeddings
+from .unet import frame_encoder_states, keyframe_condition, motion_adapter_for, transition_unet
+
+__all__ = [
+    "SemanticMotionPredictor",
+    "TransitionPipeline",
+    "TransitionPipelineOutput",
+    "frame_encoder_states",
+    "interpolate_embeddings",
+    "keyframe_condition",
+    "motion_adapter_for",
+    "read_video",
+    "transition_unet",
+    "write_frames",
+    "write_video",
+]
