@@ -69,6 +69,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (then raise --panels)")
     p.add_argument("--data", default="/tmp/world_latents", help="folder of latent shards")
     p.add_argument("--clip", default=str(ASSETS / "clip"), help="the tiny CLIP folder (its text encoder is used)")
     p.add_argument("--vae", default=str(ASSETS / "vae"))
@@ -145,7 +146,7 @@ def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, captions:
     ids = tokenizer(
         captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return text_encoder(ids).last_hidden_state  # (B, 77, 64)
+    return text_encoder(ids.to(text_encoder.device)).last_hidden_state  # (B, 77, 64)
 
 
 def load_text_encoder(clip_dir: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
@@ -164,7 +165,7 @@ def export(unet, args: argparse.Namespace) -> Path:
         vae=vae.half(),
         text_encoder=text_encoder.half(),
         tokenizer=tokenizer,
-        unet=copy.deepcopy(unet).half(),
+        unet=copy.deepcopy(unet).cpu().half(),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -191,6 +192,7 @@ def main() -> None:
     unet = wt.tiny_unet(args.seed)
     if args.init is not None:
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init, torch_dtype=torch.float32).state_dict())
+    unet.to(args.device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     rng = random.Random(args.seed)
@@ -212,6 +214,7 @@ def main() -> None:
 
     print(f"tiny UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters", flush=True)
     tokenizer, text_encoder = load_text_encoder(args.clip)
+    text_encoder.to(args.device)
     noise_scheduler = DDPMScheduler(**wt.TINY_NOISE_SCHEDULE)
     joint = wt.install_joint_attention(unet)
     for processor in joint:
@@ -233,7 +236,8 @@ def main() -> None:
         text = encode_text(tokenizer, text_encoder, captions)
         num_groups = len(captions) // per_group
         timesteps = torch.randint(0, 1000, (num_groups,), generator=generator).repeat_interleave(per_group)
-        noise = torch.randn(latents.shape, generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)  # drawn on the CPU: the same run on any device
+        latents, timesteps, noise = latents.to(args.device), timesteps.to(args.device), noise.to(args.device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         rate = rng.choice((0.5, 0.75, 1.0))
         for processor in joint:

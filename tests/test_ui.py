@@ -177,10 +177,11 @@ def test_ui_command_serves_the_app(monkeypatch, capsys):
     from storydiffusion import ui
 
     calls = []
-    monkeypatch.setattr(ui, "serve", lambda model, host, port: calls.append((model, host, port)))
+    monkeypatch.setattr(ui, "serve", lambda *args, **kwargs: calls.append((*args, *kwargs.values())))
     assert run_cli(monkeypatch, capsys, "ui")[0] == 0
-    assert run_cli(monkeypatch, capsys, "ui", "--host", "0.0.0.0", "--port", "8000", "--model", "tiny-random")[0] == 0
-    assert calls == [(TINY, "127.0.0.1", 7860), ("tiny-random", "0.0.0.0", 8000)]
+    args = ["--host", "0.0.0.0", "--port", "8000", "--model", "tiny-random", "--video-model", "./my-video"]
+    assert run_cli(monkeypatch, capsys, "ui", *args)[0] == 0
+    assert calls == [(TINY, "127.0.0.1", 7860, TINY), ("tiny-random", "0.0.0.0", 8000, "./my-video")]
 
 
 def test_ui_command_without_gradio_says_how_to_install(monkeypatch, capsys):

@@ -211,8 +211,11 @@ def ui_command(
     model: Annotated[
         str | None, typer.Option(help="Hub id, folder, 'tiny' (default, shipped) or 'tiny-random'.")
     ] = None,
+    video_model: Annotated[
+        str, typer.Option(help="The video tab's TransitionPipeline: 'tiny' (shipped), a folder or a hub id.")
+    ] = "tiny",
 ) -> None:
-    """Serve the web UI (Gradio): write a story, generate its panels, comic pages, PDF and banks."""
+    """Serve the web UI (Gradio): write a story, generate its panels, comic pages, PDF and banks, animate it."""
     try:
         from .ui import serve
     except ModuleNotFoundError as error:
@@ -221,7 +224,7 @@ def ui_command(
         raise StoryDiffusionError("the web UI needs gradio: pip install 'storydiffusion[ui]'") from None
     from .runner import default_model
 
-    serve(model or default_model(), host=host, port=port)
+    serve(model or default_model(), host=host, port=port, video_model=video_model)
 
 
 

@@ -538,9 +538,9 @@ def _message(text: str, error: bool = False) -> str:
     return f"**Error:** {_markdown_text(text)}" if error else _markdown_text(text)
 
 
-def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860) -> None:
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, video_model: str = TINY) -> None:
     """`storydiffusion ui`: load the model, serve the page until interrupted, then delete the runs."""
-    app = StoryApp(model)
+    app = StoryApp(model, video_model=video_model)
     try:
         app.preload()
         app.launch(host, port)

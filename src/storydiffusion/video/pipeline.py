@@ -185,7 +185,12 @@ class TransitionPipeline(DiffusionPipeline):
         prompts = [prompt] * len(starts) if isinstance(prompt, str) else list(prompt)
         self.check_inputs(starts, ends, prompts, num_frames, motion, output_type)
         batch, device = len(starts), self._execution_device
-        negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * batch
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != batch:
+                raise ValueError(f"give one negative prompt per clip or one for all (got {len(negatives)} for {batch})")
         guided = guidance_scale > 1.0
 
         # 2. Prompt embeddings (long prompts in chunks, never silently cut)
