@@ -41,7 +41,7 @@ from diffusers.training_utils import EMAModel
 
 from storydiffusion.tiny import TINY_VIDEO_DIR
 from storydiffusion.video.pipeline import TransitionPipeline
-from storydiffusion.video.training import FolderClips, clip_batches, diffusion_loss, encode_clips, smp_loss
+from storydiffusion.video.training import FolderClips, TransitionTrainer, clip_batches, encode_clips
 from storydiffusion.world_training import warmup_cosine
 from storydiffusion.world_video import fresh_tiny_transition_pipeline, sample_clip
 
@@ -111,7 +111,7 @@ def main() -> None:
     training_unet = args.stage == "video"
     unet.requires_grad_(training_unet)
     predictor.requires_grad_(True)
-    modules = torch.nn.ModuleDict({"unet": unet, "predictor": predictor}) if training_unet else predictor
+    modules = TransitionTrainer(unet, predictor)
     lr = args.lr if args.lr is not None else (1e-3 if args.stage == "smp" else 3e-4)
     optimizer = torch.optim.AdamW([p for p in modules.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -156,7 +156,20 @@ def log(accelerator, step: int, losses: list[float], schedule, start: float, eve
     accelerator.print(json.dumps({**record, "s_per_step": round(rate, 3)}), flush=True)
 
 
-def train_predictor(args, accelerator, pipe, predictor, optimizer, schedule, ema, progress, checkpoint) -> None:
+def take_step(args, accelerator, loss, modules, optimizer, schedule, ema, progress, checkpoint) -> None:
+    """Backward, clip, step, EMA; a checkpoint every --ckpt-every steps and at the last."""
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(modules.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad()
+    ema.step(accelerator.unwrap_model(modules).parameters())
+    progress.step += 1
+    if progress.step % args.ckpt_every == 0 or progress.step == args.steps:
+        accelerator.save_state(str(checkpoint))
+
+
+def train_predictor(args, accelerator, pipe, modules, optimizer, schedule, ema, progress, checkpoint) -> None:
     """Stage 1 on a cache of encoded clips: the same clips every run (seeded), minibatches drawn per step."""
     rng = np.random.default_rng(args.seed * 1000 + accelerator.process_index)
     chunks = clip_batches(clip_sampler(args), 64, rng)
@@ -169,32 +182,25 @@ def train_predictor(args, accelerator, pipe, predictor, optimizer, schedule, ema
     train_rows = torch.arange(held_out, args.cache)
     generator = torch.Generator().manual_seed(args.seed + progress.step)
     batch_size = args.batch or 64
+    predictor = accelerator.unwrap_model(modules).predictor
     start, losses = time.time(), []
-    predictor.train()
+    modules.train()
     while progress.step < args.steps:
         rows = train_rows[torch.randint(len(train_rows), (batch_size,), generator=generator)]
-        loss = smp_loss(predictor, cache["frame_embeds"][rows], cache["text"][rows])
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(predictor.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        ema.step(predictor.parameters())
-        progress.step += 1
+        loss = modules({"frame_embeds": cache["frame_embeds"][rows], "text": cache["text"][rows]}, "smp")
+        take_step(args, accelerator, loss, modules, optimizer, schedule, ema, progress, checkpoint)
         losses.append(loss.item())
         if progress.step % args.log_every == 0:
             log(accelerator, progress.step, losses, schedule, start, args.log_every)
-        if progress.step % args.ckpt_every == 0 or progress.step == args.steps:
-            accelerator.save_state(str(checkpoint))
     embeds, text = cache["frame_embeds"][:held_out], cache["text"][:held_out]
     with torch.no_grad():
-        ema.store(predictor.parameters())
-        ema.copy_to(predictor.parameters())
+        ema.store(modules.parameters())
+        ema.copy_to(modules.parameters())
         predictor.eval()
         frames = embeds.shape[1]
         predicted = predictor(embeds[:, 0], embeds[:, -1], frames, text_embeds=text if predictor.reads_text else None)
         straight = predictor(embeds[:, 0], embeds[:, -1], frames, bypass=True)
-        ema.restore(predictor.parameters())
+        ema.restore(modules.parameters())
     error = {name: ((path[:, 1:-1] - embeds[:, 1:-1]) ** 2).sum(-1).mean().item() for name, path in
              (("predictor", predicted), ("straight_path", straight))}
     accelerator.print(json.dumps({"held_out_clips": held_out, "embedding_mse": error}), flush=True)
@@ -206,34 +212,20 @@ def train(args, accelerator, pipe, modules, optimizer, schedule, ema, progress, 
     noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator(accelerator.device).manual_seed(args.seed + 7919 * accelerator.process_index)
     empty = encode_clips(pipe, [[_blank(args.size)] * 2], [""], latents=False)["text"]  # (1, T, C): the dropped caption
-    predictor = accelerator.unwrap_model(modules)
-    predictor = predictor["predictor"] if isinstance(predictor, torch.nn.ModuleDict) else predictor
     start, losses = time.time(), []
     modules.train()
     while progress.step < args.steps:
         clips, captions = next(batches)
-        batch = encode_clips(pipe, clips, captions, latents=args.stage == "video")
+        batch = encode_clips(pipe, clips, captions)
         batch["empty_text"] = empty
-        with accelerator.accumulate(modules):
-            loss = smp_loss(predictor, batch["frame_embeds"], batch["text"])
-            if args.stage == "video":
-                diffusion = diffusion_loss(
-                    pipe.unet, predictor, noise_schedule, batch, generator, args.caption_dropout, args.bypass,
-                    args.teacher,
-                )
-                loss = diffusion + args.smp_weight * loss
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(modules.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-        ema.step(accelerator.unwrap_model(modules).parameters())
-        progress.step += 1
+        loss = modules(
+            batch, "video", noise_schedule, generator, args.smp_weight, caption_dropout=args.caption_dropout,
+            bypass_probability=args.bypass, teacher_probability=args.teacher,
+        )
+        take_step(args, accelerator, loss, modules, optimizer, schedule, ema, progress, checkpoint)
         losses.append(loss.item())
         if progress.step % args.log_every == 0:
             log(accelerator, progress.step, losses, schedule, start, args.log_every)
-        if progress.step % args.ckpt_every == 0 or progress.step == args.steps:
-            accelerator.save_state(str(checkpoint))
 
 
 def _blank(size: int):

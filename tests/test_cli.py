@@ -1,13 +1,13 @@
 """The `storydiffusion` command end to end on a tiny model folder: files, metadata, resume, errors."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
+from helpers import run_cli
 from PIL import Image
 
-from storydiffusion import cli, runner
+from storydiffusion import runner
 
 STORY_YAML = """\
 characters:
@@ -29,16 +29,6 @@ id_length: 2
 FAST = ["--device", "cpu"]
 
 
-def run_cli(monkeypatch, capsys, *args):
-    """Call the real entry point; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["storydiffusion", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as stop:
-        code = stop.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+from helpers import run_cli
 from PIL import Image
 
-from storydiffusion import cli
 from storydiffusion.story import Story, StoryFormatError
 from storydiffusion.tiny import TINY, tiny_model_available
 from storydiffusion.ui import EXAMPLES, StoryApp, make_story, parse_rate, parse_size
@@ -162,15 +162,6 @@ def test_the_page_has_the_story_boxes_examples_and_outputs(app):
         assert make_story(characters, frames, **FAST).panels  # every example is a valid story
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["storydiffusion", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as stop:
-        code = stop.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_ui_command_serves_the_app(monkeypatch, capsys):

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli as invoke_cli
 from PIL import Image
 
-from storydiffusion import cli, world
+from storydiffusion import world
 from storydiffusion.video import (
     SemanticMotionPredictor,
     TransitionPipeline,
@@ -333,15 +334,16 @@ def test_the_diffusion_loss_falls_on_a_fixed_batch(pipe):
 
 def test_training_script_checkpoints_and_resumes(tmp_path):
     base = [sys.executable, str(REPO / "scripts" / "train_video.py"), "--stage", "smp", "--batch", "1", "--frames", "4"]
-    base += ["--out", str(tmp_path), "--log-every", "1", "--ckpt-every", "1", "--threads", "1"]
+    base += ["--out", str(tmp_path), "--log-every", "1", "--ckpt-every", "1", "--threads", "1", "--cache", "8"]
     first = subprocess.run([*base, "--steps", "2"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     assert (tmp_path / "checkpoint-smp").is_dir() and (tmp_path / "weights-smp" / "model_index.json").is_file()
     second = subprocess.run([*base, "--steps", "3", "--resume"], capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed smp at step 2" in second.stdout
-    steps = [json.loads(line)["step"] for line in second.stdout.splitlines() if line.startswith("{")]
-    assert steps == [3]
+    records = [json.loads(line) for line in second.stdout.splitlines() if line.startswith("{")]
+    assert [r["step"] for r in records if "step" in r] == [3]
+    assert set(records[-1]["embedding_mse"]) == {"predictor", "straight_path"}  # the held-out check
 
 
 # ------------------------------------------------------------------ command line
@@ -349,17 +351,11 @@ def test_training_script_checkpoints_and_resumes(tmp_path):
 
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
-    """Call the real entry point; returns (exit code, everything printed)."""
+    """The real entry point; returns (exit code, everything printed)."""
 
     def run(*args):
-        monkeypatch.setattr(sys, "argv", ["storydiffusion", *map(str, args)])
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as stop:
-            code = stop.code or 0
-        printed = capsys.readouterr()
-        return code, printed.out + printed.err
+        code, out, err = invoke_cli(monkeypatch, capsys, *args)
+        return code, out + err
 
     return run
 

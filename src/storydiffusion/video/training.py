@@ -156,3 +156,31 @@ def diffusion_loss(
     model_input = torch.cat([noisy, condition], dim=1)  # (B, 2C+1, F, h, w)
     prediction = unet(model_input, timesteps, encoder_hidden_states=states).sample
     return F.mse_loss(prediction[:, :, 1:-1].float(), target[:, :, 1:-1].float())  # the keyframes are given
+
+
+class TransitionTrainer(torch.nn.Module):
+    """The trainable parts (video UNet, motion predictor) behind one `forward` that returns the loss, so
+    that accelerate's wrapper (DDP on several GPUs) sees every forward and syncs the gradients.
+
+    stage "smp": the predictor's regression loss alone; stage "video": the diffusion loss plus
+    `smp_weight` times the regression loss.
+    """
+
+    def __init__(self, unet, predictor) -> None:
+        super().__init__()
+        self.unet, self.predictor = unet, predictor
+
+    def forward(
+        self,
+        batch: dict,
+        stage: str,
+        scheduler=None,
+        generator: torch.Generator | None = None,
+        smp_weight: float = 1.0,
+        **diffusion_options,
+    ) -> torch.Tensor:
+        regression = smp_loss(self.predictor, batch["frame_embeds"], batch["text"])
+        if stage == "smp":
+            return regression
+        diffusion = diffusion_loss(self.unet, self.predictor, scheduler, batch, generator, **diffusion_options)
+        return diffusion + smp_weight * regression
