@@ -8,7 +8,8 @@ Arms, all from the same two keyframes and prompt of each held-out clip:
 
 Metrics per arm, averaged over clips:
 - `trajectory_error`: distance (frame fractions) between the character's position in each in-between
-  frame and in the true frame (`world_video.trajectory_error`);
+  frame and in the true frame (`world_video.trajectory_error`); generated frames are compared with
+  the VAE's reconstruction of the empty scene, the truth with the rendered one;
 - `identity_agreement`: pairwise agreement of the attribute classifier's identity attributes across a
   clip's frames (`world_classifier.agreement`);
 - `lpips_first` / `lpips_frames`: an LPIPS-style perceptual distance of every frame to the first / of
@@ -74,14 +75,16 @@ def clip_metrics(
     clip: Clip,
     classifier: AttributeClassifier,
     scorer: ClipScorer,
+    frames_background: Image.Image | None = None,
 ) -> dict[str, float]:
-    """All metrics of one clip's frames (the truth comes from `clip`)."""
+    """All metrics of one clip's frames (the truth comes from `clip`); `frames_background`: the empty
+    scene as the frames' decoder shows it (see `world_video.trajectory_error`)."""
     features = perceptual_features(classifier, frames)
     embeds = scorer.image_embeddings(frames)  # (F, D) unit norm
     count = len(frames)
     size = frames[0].size[0]
     return {
-        "trajectory_error": trajectory_error(frames, clip.render(size), clip.background(size)),
+        "trajectory_error": trajectory_error(frames, clip.render(size), clip.background(size), frames_background),
         "identity_agreement": agreement(classifier.predict(list(frames))),
         "lpips_first": float(np.mean([perceptual_distance(features, 0, k) for k in range(1, count)])),
         "lpips_frames": float(np.mean([perceptual_distance(features, k, k + 1) for k in range(count - 1)])),
@@ -119,8 +122,11 @@ def evaluate_video(
             ).frames[0]
         made["latent_interpolation"] = pipe.interpolate_latents(truth[0], truth[-1], settings.num_frames)
         made["ground_truth"] = truth
+        background = clip.background()
+        decoded_background = pipe.interpolate_latents(background, background, 3)[0]  # the VAE's view of it
         for arm, frames in made.items():
-            rows[arm].append(clip_metrics(frames, clip, classifier, scorer))
+            seen = background if arm == "ground_truth" else decoded_background
+            rows[arm].append(clip_metrics(frames, clip, classifier, scorer, seen))
         if images_dir is not None:
             save_clip_strips(images_dir / f"clip_{index:03d}_{clip.motion}.png", made)
     result = {arm: _mean(rows[arm]) for arm in rows}

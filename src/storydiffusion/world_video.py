@@ -138,14 +138,24 @@ def position_distance(mass: np.ndarray, true_mass: np.ndarray) -> float:
     return float(np.hypot(across, down))
 
 
-def trajectory_error(frames: Sequence[Image.Image], truth: Sequence[Image.Image], background: Image.Image) -> float:
+def trajectory_error(
+    frames: Sequence[Image.Image],
+    truth: Sequence[Image.Image],
+    background: Image.Image,
+    frames_background: Image.Image | None = None,
+) -> float:
     """Mean `position_distance` between the character in `frames` and in the ground-truth `truth`, over
-    the in-between frames (the keyframes are given, not generated)."""
+    the in-between frames (the keyframes are given, not generated).
+
+    `frames_background` is the empty scene as `frames` would show it — for frames decoded by a VAE,
+    the VAE's reconstruction of `background`, so that its colour shifts are not taken for a figure.
+    """
     if len(frames) != len(truth) or len(frames) < 3:
         raise ValueError(f"need >= 3 frames and as many truth frames; got {len(frames)} and {len(truth)}")
+    frames_background = background if frames_background is None else frames_background
     errors = []
     for frame, true_frame in zip(frames[1:-1], truth[1:-1]):
-        mass, true_mass = figure_mass(frame, background), figure_mass(true_frame, background)
+        mass, true_mass = figure_mass(frame, frames_background), figure_mass(true_frame, background)
         if true_mass is None:
             continue  # the character has left the frame in truth: nothing to compare
         errors.append(MISSING_FIGURE_ERROR if mass is None else position_distance(mass, true_mass))
