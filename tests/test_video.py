@@ -445,14 +445,14 @@ def test_shipped_tiny_video_model_loads_offline_and_animates(walk):
     assert np.abs(frames[0] - start).mean() < 0.06
 
 
-def test_eval_video_end_to_end_on_a_reduced_set(run_cli, tmp_path):
+def test_eval_video_end_to_end_on_a_reduced_set(monkeypatch, capsys, tmp_path):
     out = tmp_path / "eval.json"
-    code, printed = run_cli(
-        "eval-video", "--clips", 1, "--frames", 4, "--steps", 2, "--json", out, "--images", tmp_path / "images",
-        "--device", "cpu",
+    code, stdout, stderr = invoke_cli(
+        monkeypatch, capsys, "eval-video", "--clips", 1, "--frames", 4, "--steps", 2, "--json", out,
+        "--images", tmp_path / "images", "--device", "cpu",
     )
-    assert code == 0, printed
-    result = json.loads(printed.strip().splitlines()[-1])
+    assert code == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])  # the last line printed is the JSON
     assert result == json.loads(out.read_text())
     metrics = {"trajectory_error", "identity_agreement", "lpips_first", "lpips_frames", "clipsim_first",
                "clipsim_frames"}
