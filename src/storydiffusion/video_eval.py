@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .clip_score import ClipScorer
 from .world_classifier import AttributeClassifier, agreement, load_default_classifier, pil_to_tensor
-from .world_video import Clip, held_out_clips, trajectory_error
+from .world_video import held_out_clips, trajectory_error
 
 ARMS = ("smp", "linear_embedding", "latent_interpolation")
 METRICS = ("trajectory_error", "identity_agreement", "lpips_first", "lpips_frames", "clipsim_first", "clipsim_frames")
@@ -55,14 +55,8 @@ class VideoEvalSettings:
 @torch.no_grad()
 def perceptual_features(classifier: AttributeClassifier, images: Sequence[Image.Image]) -> list[torch.Tensor]:
     """The classifier's conv features at every scale, unit-normalised over channels: [(N, C_k, H_k, W_k)]."""
-    x = 2.0 * pil_to_tensor(images, classifier.config.sample_size).to(classifier.device, classifier.dtype) - 1.0
-    features = []
-    for i, block in enumerate(classifier.blocks):
-        x = block(x)
-        features.append(F.normalize(x.float(), dim=1))
-        if i < len(classifier.blocks) - 1:
-            x = F.max_pool2d(x, 2)
-    return features
+    pixels = pil_to_tensor(images, classifier.config.sample_size).to(classifier.device)
+    return [F.normalize(x.float(), dim=1) for x in classifier.features(pixels)]
 
 
 def perceptual_distance(features: list[torch.Tensor], i: int, j: int) -> float:
@@ -72,19 +66,19 @@ def perceptual_distance(features: list[torch.Tensor], i: int, j: int) -> float:
 
 def clip_metrics(
     frames: Sequence[Image.Image],
-    clip: Clip,
+    truth: Sequence[Image.Image],
+    background: Image.Image,
     classifier: AttributeClassifier,
     scorer: ClipScorer,
     frames_background: Image.Image | None = None,
 ) -> dict[str, float]:
-    """All metrics of one clip's frames (the truth comes from `clip`); `frames_background`: the empty
-    scene as the frames' decoder shows it (see `world_video.trajectory_error`)."""
+    """All metrics of one clip's frames against its true frames and empty scene; `frames_background`:
+    the empty scene as the frames' decoder shows it (see `world_video.trajectory_error`)."""
     features = perceptual_features(classifier, frames)
     embeds = scorer.image_embeddings(frames)  # (F, D) unit norm
     count = len(frames)
-    size = frames[0].size[0]
     return {
-        "trajectory_error": trajectory_error(frames, clip.render(size), clip.background(size), frames_background),
+        "trajectory_error": trajectory_error(frames, truth, background, frames_background),
         "identity_agreement": agreement(classifier.predict(list(frames))),
         "lpips_first": float(np.mean([perceptual_distance(features, 0, k) for k in range(1, count)])),
         "lpips_frames": float(np.mean([perceptual_distance(features, k, k + 1) for k in range(count - 1)])),
@@ -123,10 +117,10 @@ def evaluate_video(
         made["latent_interpolation"] = pipe.interpolate_latents(truth[0], truth[-1], settings.num_frames)
         made["ground_truth"] = truth
         background = clip.background()
-        decoded_background = pipe.interpolate_latents(background, background, 3)[0]  # the VAE's view of it
+        decoded_background = pipe.interpolate_latents(background, background, 2)[0]  # the VAE's view of it
         for arm, frames in made.items():
             seen = background if arm == "ground_truth" else decoded_background
-            rows[arm].append(clip_metrics(frames, clip, classifier, scorer, seen))
+            rows[arm].append(clip_metrics(frames, truth, background, classifier, scorer, seen))
         if images_dir is not None:
             save_clip_strips(images_dir / f"clip_{index:03d}_{clip.motion}.png", made)
     result = {arm: _mean(rows[arm]) for arm in rows}

@@ -161,15 +161,22 @@ class AttributeClassifier(ModelMixin, ConfigMixin):
         features = 2 * block_channels[-1]  # global average and max pooling, concatenated
         self.heads = nn.ModuleDict({name: nn.Linear(features, len(v)) for name, v in self.vocabularies.items()})
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits per attribute, each (B, classes), for images (B, 3, H, W) in [0, 1]."""
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Every conv block's output, before its pooling: [(B, C_k, H_k, W_k)], for images (B, 3, H, W) in [0, 1]."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W) RGB in [0, 1], got shape {tuple(images.shape)}")
         x = 2.0 * images.to(self.dtype) - 1.0  # (B, 3, H, W) in [-1, 1]
+        outputs = []
         for i, block in enumerate(self.blocks):
             x = block(x)
+            outputs.append(x)
             if i < len(self.blocks) - 1:
                 x = F.max_pool2d(x, 2)  # 64 -> 32 -> 16 -> 8
+        return outputs
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per attribute, each (B, classes), for images (B, 3, H, W) in [0, 1]."""
+        x = self.features(images)[-1]
         pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)  # (B, 2C)
         pooled = self.head_dropout(pooled)
         return {name: head(pooled) for name, head in self.heads.items()}

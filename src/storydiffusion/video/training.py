@@ -111,11 +111,6 @@ def smp_loss(predictor, frame_embeds: torch.Tensor, text: torch.Tensor) -> torch
     return F.mse_loss(predicted[:, 1:-1], frame_embeds[:, 1:-1]) * frame_embeds.shape[-1]  # per-embedding sum
 
 
-def velocity(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The v-prediction target: sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x0."""
-    return scheduler.get_velocity(latents, noise, timesteps)
-
-
 def diffusion_loss(
     unet,
     predictor,
@@ -140,7 +135,7 @@ def diffusion_loss(
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clips,), generator=generator, device=device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
-        target = velocity(scheduler, latents, noise, timesteps)
+        target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
     drop = torch.rand(clips, generator=generator, device=device) < caption_dropout
