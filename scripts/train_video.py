@@ -24,12 +24,12 @@ writes the EMA weights as a TransitionPipeline folder (fp16 safetensors).
     python scripts/train_video.py --stage video --steps 3000 --out /tmp/video_run --resume-from-stage smp
     python scripts/train_video.py --stage video --out /tmp/video_run --export src/storydiffusion/assets/tiny_video
 
-Shipped run (src/storydiffusion/assets/tiny_video, 2-core CPU, seed 0): `--stage smp --steps 600 --cache
-4096 --threads 1` (4 min encoding the cache, 2.3 min of steps; held-out in-between embedding error
-0.0525 vs 0.0566 for the straight path), then `--stage video --steps 2000 --resume-from-stage smp`
-stopped after the checkpoint at step 1,600 (72 min, ~2.2 s a step on 2 threads; loss 0.30 -> 0.17)
-and exported from it with `--export`. The model moves the character but ignores P_i and does not yet
-keep the character's clothes through a clip (README, "Video").
+Shipped run (src/storydiffusion/assets/tiny_video, 2-core CPU, seed 0, the defaults: a predictor on a 4 x 4
+grid with an 8-channel map): `--stage smp --steps 500 --batch 32 --warmup 50 --cache 4096` (11 min: 4 of
+encoding the cache, 7 of steps; held-out in-between embedding error 0.0337 vs 0.0425 for the straight
+path), then `--stage video --steps 2150 --resume-from-stage smp` (108 min, ~2.5 s a step; its first
+1,100 steps ran before keyframe attention existed and it was resumed with it from that checkpoint) and
+`--export` from the last checkpoint. See the README ("Video") for what it does and does not do.
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--no-text", action="store_true", help="a predictor that does not read the prompt (fresh init only)")
     p.add_argument("--dropout", type=float, default=0.1, help="the predictor's dropout (fresh init only)")
+    p.add_argument("--grid", type=int, default=4,
+                   help="a fresh predictor on a GRID x GRID of patch embeddings per frame; 0: the pooled embedding")
+    p.add_argument("--map-channels", type=int, default=8, help="the semantic map's channels (fresh grid init only)")
     p.add_argument("--data", default="world", help="'world' (rendered on the fly) or a folder of clips")
     p.add_argument("--init", default=None, help="a TransitionPipeline folder to start from (default: fresh tiny)")
     p.add_argument("--out", default="/tmp/video_run", help="checkpoints and the stage's last weights")
@@ -102,7 +105,9 @@ def load_pipeline(args: argparse.Namespace) -> TransitionPipeline:
         return TransitionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     if args.init:
         return TransitionPipeline.from_pretrained(args.init, torch_dtype=torch.float32)
-    return fresh_tiny_transition_pipeline(text=not args.no_text, seed=args.seed, dropout=args.dropout)
+    return fresh_tiny_transition_pipeline(
+        text=not args.no_text, seed=args.seed, dropout=args.dropout, grid=args.grid, map_channels=args.map_channels
+    )
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from storydiffusion.video import (
     write_video,
 )
 from storydiffusion.video.training import diffusion_loss, encode_clips, smp_loss
+from storydiffusion.video.unet import KeyframeAttnProcessor, semantic_map
 from storydiffusion.world_video import (
     MOTIONS,
     figure_position,
@@ -34,17 +35,26 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def small_predictor(text_dim=None, seed=0):
+def small_predictor(text_dim=None, seed=0, num_tokens=1, map_channels=0):
     torch.manual_seed(seed)
     return SemanticMotionPredictor(
         embed_dim=8, hidden_size=16, num_layers=2, num_heads=2, max_frames=6, text_dim=text_dim,
-        cross_attention_dim=12, condition_tokens=2,
+        cross_attention_dim=12, condition_tokens=2, num_tokens=num_tokens, map_channels=map_channels,
     )
 
 
 @pytest.fixture(scope="module")
 def pipe():
+    """The tiny design: a predictor on a 4 x 4 grid of patch embeddings, with an 8-channel map."""
     pipe = fresh_tiny_transition_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pooled_pipe():
+    """The paper's design: one pooled CLIP image embedding a frame, no map."""
+    pipe = fresh_tiny_transition_pipeline(seed=0, grid=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -89,6 +99,35 @@ def test_predictor_shapes_determinism_and_the_linear_start():
     assert tokens.shape == (3, 5, 2, 12)
 
 
+def test_a_grid_predictor_keeps_its_cells_apart():
+    predictor = small_predictor(text_dim=10, num_tokens=4, map_channels=3)
+    assert predictor.grid_size == 2
+    start, end, text = torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 7, 10)
+    assert torch.allclose(predictor(start, end, 5, text_embeds=text), interpolate_embeddings(start, end, 5), atol=1e-6)
+    torch.nn.init.normal_(predictor.proj_out.weight)
+    moved = predictor(start, end, 5, text_embeds=text)
+    assert moved.shape == (2, 5, 4, 8)
+    assert torch.equal(predictor(start, end, 5, bypass=True), interpolate_embeddings(start, end, 5))
+    # The same embedding in every cell still comes out differently per cell: the cells know where they are.
+    same = torch.randn(1, 1, 8).expand(1, 4, 8)
+    out = predictor(same, same, 3, text_embeds=text[:1])
+    assert not torch.allclose(out[0, 1, 0], out[0, 1, 3], atol=1e-4)
+    assert predictor.condition_tokens(moved).shape == (2, 5, 4 * 2, 12)
+    drawn = predictor.condition_map(moved)
+    assert drawn.shape == (2, 3, 5, 2, 2)
+    cell = predictor.to_map(moved[:, :, 1])  # cell 1 = row 0, column 1 (row-major)
+    assert torch.allclose(drawn[:, :, :, 0, 1], cell.permute(0, 2, 1))
+    assert small_predictor().condition_map(torch.randn(1, 3, 8)) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message", [(dict(num_tokens=5), "num_tokens=5"), (dict(map_channels=2), "map_channels needs a grid")]
+)
+def test_predictor_rejects_a_bad_grid(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        small_predictor(**kwargs)
+
+
 def test_predictor_saves_and_loads(tmp_path):
     predictor = small_predictor()
     torch.nn.init.normal_(predictor.proj_out.weight)
@@ -105,6 +144,7 @@ def test_predictor_saves_and_loads(tmp_path):
         (lambda p: p(torch.randn(1, 8), torch.randn(1, 8), 7), "num_frames=7"),
         (lambda p: p(torch.randn(1, 9), torch.randn(1, 9), 4), "(B, 8)"),
         (lambda p: p(torch.randn(2, 8), torch.randn(1, 8), 4), "must both be"),
+        (lambda p: p(torch.randn(1, 4, 8), torch.randn(1, 4, 8), 4), "(B, 8)"),
     ],
 )
 def test_predictor_rejects_bad_input(call, message):
@@ -122,13 +162,24 @@ def test_a_text_reading_predictor_needs_the_text():
 # ------------------------------------------------------------------ conditioning layout
 
 
-def test_keyframe_condition_marks_the_first_and_last_frame():
+def test_keyframe_condition_gives_every_frame_both_keyframes_and_its_place():
     start, end = torch.full((2, 4, 3, 3), 1.0), torch.full((2, 4, 3, 3), 2.0)
-    condition = keyframe_condition(start, end, 5)  # (B, C+1, F, h, w)
-    assert condition.shape == (2, 5, 5, 3, 3)
-    assert torch.equal(condition[:, :4, 0], start) and torch.equal(condition[:, :4, -1], end)
-    assert condition[:, :4, 1:-1].abs().sum() == 0
-    assert condition[:, 4, :, 0, 0].tolist() == [[1, 0, 0, 0, 1]] * 2
+    condition = keyframe_condition(start, end, 5)  # (B, 2C+1, F, h, w)
+    assert condition.shape == (2, 9, 5, 3, 3)
+    for frame in range(5):
+        assert torch.equal(condition[:, :4, frame], start) and torch.equal(condition[:, 4:8, frame], end)
+    assert condition[:, 8, :, 0, 0].tolist() == [[0, 0.25, 0.5, 0.75, 1]] * 2
+    assert (condition[:, 8] == condition[:, 8, :, :1, :1]).all()  # the same over the frame
+
+
+def test_the_semantic_map_puts_each_cell_over_its_part_of_the_latents():
+    drawn = torch.zeros(1, 2, 3, 2, 2)  # (B, M, F, g, g)
+    drawn[0, 1, 2, 1, 0] = 1.0  # channel 1, frame 2, bottom-left cell
+    stretched = semantic_map(drawn, (8, 8))
+    assert stretched.shape == (1, 2, 3, 8, 8)
+    hot = stretched[0, 1, 2]
+    assert hot[4:, :4].sum() > 10 * hot[:4, 4:].sum()  # mass at the bottom left, not the top right
+    assert stretched[0, 0].abs().sum() == 0 and stretched[0, 1, :2].abs().sum() == 0
 
 
 def test_frame_encoder_states_give_each_frame_its_own_tokens():
@@ -142,11 +193,55 @@ def test_frame_encoder_states_give_each_frame_its_own_tokens():
             assert (row[:3] == b).all() and (row[3:] == 10 + f).all()
 
 
-def test_transition_unet_takes_the_keyframe_channels(pipe):
-    unet = pipe.unet
-    assert unet.config.in_channels == 9 and unet.conv_in.in_channels == 9
-    image_unet_channels = unet.config.out_channels
-    assert unet.conv_in.weight[:, image_unet_channels:].abs().sum() == 0  # new inputs start silent
+def test_transition_unet_takes_the_keyframe_channels(pipe, pooled_pipe):
+    for model, map_channels in ((pipe, 8), (pooled_pipe, 0)):
+        unet = model.unet
+        assert unet.config.in_channels == 13 + map_channels and unet.conv_in.in_channels == 13 + map_channels
+        image_unet_channels = unet.config.out_channels
+        assert unet.conv_in.weight[:, image_unet_channels:].abs().sum() == 0  # new inputs start silent
+
+
+def test_keyframe_attention_lets_each_frame_see_both_ends_and_nothing_else():
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4)
+    x = torch.randn(2 * 5, 6, 8)  # 2 clips x 5 frames, 6 tokens each
+    processor = KeyframeAttnProcessor()
+    out = processor(attn, x, num_frames=5)
+    assert out.shape == x.shape
+    assert torch.allclose(processor(attn, x), AttnProcessor2_0()(attn, x), atol=1e-6)  # no frames: plain
+    frames = out.view(2, 5, 6, 8)
+
+    def after(frame, clip=0):
+        changed = x.clone().view(2, 5, 6, 8)
+        changed[clip, frame] += 1.0
+        return processor(attn, changed.view(10, 6, 8), num_frames=5).view(2, 5, 6, 8)
+
+    assert not torch.allclose(after(0)[0, 2], frames[0, 2])  # frame 2 reads the start keyframe
+    assert not torch.allclose(after(4)[0, 2], frames[0, 2])  # ... and the end keyframe
+    assert torch.allclose(after(3)[0, 2], frames[0, 2], atol=1e-6)  # not another in-between frame
+    assert torch.allclose(after(0, clip=1)[0], frames[0], atol=1e-6)  # nor another clip
+    context = torch.randn(10, 3, 8)
+    cross = Attention(query_dim=8, cross_attention_dim=8, heads=2, dim_head=4)
+    assert torch.allclose(
+        processor(cross, x, context, num_frames=5), AttnProcessor2_0()(cross, x, context), atol=1e-6
+    )  # cross-attention is untouched
+
+
+def test_the_pipeline_gives_spatial_layers_keyframe_attention(pipe):
+    processors = pipe.unet.attn_processors
+    spatial = [p for name, p in processors.items() if "motion_modules" not in name]
+    motion = [p for name, p in processors.items() if "motion_modules" in name]
+    assert spatial and motion
+    assert all(isinstance(p, KeyframeAttnProcessor) for p in spatial)
+    assert not any(isinstance(p, KeyframeAttnProcessor) for p in motion)
+
+
+def test_a_pipeline_refuses_a_unet_without_room_for_the_map(pipe, pooled_pipe):
+    parts = dict(pipe.components, unet=pooled_pipe.unet)
+    with pytest.raises(ValueError, match="3C\\+1\\+8 input channels"):
+        TransitionPipeline(**parts)
 
 
 # ------------------------------------------------------------------ pipeline
@@ -163,9 +258,33 @@ def test_pipeline_makes_frames_whose_ends_are_the_keyframes(pipe, walk):
     start, end = (np.asarray(image, dtype=np.float32) / 255 for image in (truth[0], truth[-1]))
     assert np.abs(frames[0] - start).mean() < 0.06 < np.abs(frames[0] - end).mean()
     assert np.abs(frames[-1] - end).mean() < 0.06 < np.abs(frames[-1] - start).mean()
-    assert out.frame_embeds.shape == (1, 4, 64)
+    assert out.frame_embeds.shape == (1, 4, 16, 64)  # 4 x 4 cells of 64-d embeddings per frame
     pil = pipe(truth[0], truth[-1], walk.caption, num_frames=4, num_inference_steps=1, guidance_scale=2.0)
     assert len(pil.frames[0]) == 4 and pil.frames[0][0].size == (64, 64)
+
+
+def test_the_pooled_design_makes_frames_too(pooled_pipe, walk):
+    truth = walk.render()
+    out = pooled_pipe(truth[0], truth[-1], walk.caption, num_frames=4, num_inference_steps=2, output_type="np",
+                      generator=torch.Generator().manual_seed(0))
+    assert out.frames.shape == (1, 4, 64, 64, 3) and out.frame_embeds.shape == (1, 4, 64)
+
+
+def test_the_unet_reads_the_semantic_map(walk):
+    model = fresh_tiny_transition_pipeline(seed=0)  # a copy: its weights get changed
+    model.set_progress_bar_config(disable=True)
+    truth = walk.render()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.unet.conv_in.weight[:, 13:], std=0.5)  # let the map's channels through
+
+    def frames():
+        return model(truth[0], truth[-1], "x", num_frames=4, num_inference_steps=2, output_type="np",
+                     anchor_keyframes=False, generator=torch.Generator().manual_seed(0)).frames
+
+    before = frames()
+    with torch.no_grad():
+        model.motion_predictor.to_map.weight.mul_(-1.0)
+    assert np.abs(frames() - before).mean() > 1e-3
 
 
 def test_linear_motion_differs_from_the_predictor_once_trained(pipe, walk):
@@ -290,11 +409,13 @@ def test_the_predictor_learns_a_fixed_batch(pipe):
     clips = [sample_clip(rng, 5) for _ in range(2)]
     batch = encode_clips(pipe, [c.render() for c in clips], [c.caption for c in clips], latents=False)
     predictor = SemanticMotionPredictor(
-        embed_dim=64, hidden_size=32, num_layers=1, num_heads=2, max_frames=8, text_dim=64, cross_attention_dim=64
+        embed_dim=64, hidden_size=32, num_layers=1, num_heads=2, max_frames=8, text_dim=64, cross_attention_dim=64,
+        num_tokens=16,  # the fixture's 4 x 4 grid
     )
+    assert batch["frame_embeds"].shape == (2, 5, 16, 64)
     optimizer = torch.optim.Adam(predictor.parameters(), lr=3e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(100):
         loss = smp_loss(predictor, batch["frame_embeds"], batch["text"])
         optimizer.zero_grad()
         loss.backward()

@@ -180,21 +180,34 @@ def tiny_image_encoder():
     return encoder.eval()
 
 
-def tiny_motion_predictor(text: bool = True, seed: int = 0, dropout: float = 0.0):
-    """A fresh tiny Semantic Motion Predictor for the tiny CLIP (64-d embeddings) and UNet (64-d context)."""
+def tiny_motion_predictor(
+    text: bool = True, seed: int = 0, dropout: float = 0.0, grid: int = 4, map_channels: int = 8
+):
+    """A fresh tiny Semantic Motion Predictor for the tiny CLIP (64-d embeddings) and UNet (64-d context):
+    on a `grid` x `grid` of patch embeddings a frame (one cross-attention token a cell, and a
+    `map_channels` map), or with `grid=0` on the pooled embedding (the paper's; 2 tokens a frame)."""
     from .video.smp import SemanticMotionPredictor
 
     torch.manual_seed(seed)
+    cells = 1 if grid == 0 else grid * grid
+    map_channels = 0 if grid == 0 else map_channels
     return SemanticMotionPredictor(
         embed_dim=64, hidden_size=128, num_layers=4, num_heads=4, max_frames=16,
-        text_dim=64 if text else None, cross_attention_dim=64, condition_tokens=2, dropout=dropout,
+        text_dim=64 if text else None, cross_attention_dim=64, condition_tokens=2 if cells == 1 else 1,
+        num_tokens=cells, map_channels=map_channels, dropout=dropout,
     )
 
 
 def fresh_tiny_transition_pipeline(
-    image_model: str | Path = TINY_DIR, text: bool = True, seed: int = 0, dropout: float = 0.0
+    image_model: str | Path = TINY_DIR,
+    text: bool = True,
+    seed: int = 0,
+    dropout: float = 0.0,
+    grid: int = 4,
+    map_channels: int = 8,
 ):
-    """An untrained tiny TransitionPipeline: the tiny image model's parts, fresh motion layers and predictor."""
+    """An untrained tiny TransitionPipeline: the tiny image model's parts, fresh motion layers and
+    predictor (on a `grid` with a `map_channels` map, or pooled with `grid=0`: see `tiny_motion_predictor`)."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
@@ -209,10 +222,10 @@ def fresh_tiny_transition_pipeline(
         vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32),
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        unet=transition_unet(image_unet, adapter),
+        unet=transition_unet(image_unet, adapter, map_channels if grid else 0),
         scheduler=DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler"),
         image_encoder=tiny_image_encoder(),
         feature_extractor=CLIPImageProcessor.from_pretrained(TINY_CLIP_DIR),
-        motion_predictor=tiny_motion_predictor(text, seed, dropout),
+        motion_predictor=tiny_motion_predictor(text, seed, dropout, grid, map_channels),
     )
     return pipe

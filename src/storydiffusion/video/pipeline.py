@@ -5,9 +5,10 @@ with `.to()`, takes `generator=` and `output_type=`), built from:
 
 - `vae`, `text_encoder`, `tokenizer`, `scheduler`: those of the image model the video model grew from;
 - `image_encoder` + `feature_extractor`: a CLIP vision tower with projection, for the keyframes'
-  semantic embeddings;
+  semantic embeddings (pooled, or a grid of patch embeddings when the predictor works on a grid);
 - `motion_predictor`: the `SemanticMotionPredictor` (keyframe embeddings [+ prompt] -> P_1..P_L);
-- `unet`: the transition `UNetMotionModel` (`storydiffusion.video.unet`).
+- `unet`: the transition `UNetMotionModel` (`storydiffusion.video.unet`); the pipeline gives its spatial
+  attention layers keyframe attention (`use_keyframe_attention`), as in training.
 
 `motion="smp"` uses the predictor, `motion="linear"` the straight path between the keyframes'
 embeddings (the predictor's transformer bypassed: the paper's ablation). `interpolate_latents` is
@@ -29,7 +30,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from ..prompts import encode_long_prompts
 from .smp import SemanticMotionPredictor
-from .unet import frame_encoder_states, is_transition_unet, keyframe_condition
+from .unet import frame_encoder_states, is_transition_unet, keyframe_condition, semantic_map, use_keyframe_attention
 
 MOTIONS = ("smp", "linear")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -38,8 +39,8 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 @dataclass
 class TransitionPipelineOutput(BaseOutput):
     """`frames[b]`: clip b's frames — PIL images, or an array/tensor (F, H, W, 3) / (F, 3, H, W) in [0, 1]
-    (`output_type` "np" / "pt"), or latents (C, F, h, w) for "latent". `frame_embeds`: (B, F, D), the
-    semantic path the frames were conditioned on."""
+    (`output_type` "np" / "pt"), or latents (C, F, h, w) for "latent". `frame_embeds`: (B, F, D), or
+    (B, F, N, D) for a grid predictor, the semantic path the frames were conditioned on."""
 
     frames: list[list[Image.Image]] | np.ndarray | torch.Tensor
     frame_embeds: torch.Tensor
@@ -53,6 +54,29 @@ def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL images -> (B, 3, H, W) float in [-1, 1]."""
     arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for image in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def transition_condition(
+    predictor: SemanticMotionPredictor, path: torch.Tensor, start_latents: torch.Tensor, end_latents: torch.Tensor
+) -> torch.Tensor:
+    """What joins the noisy latents at the UNet's input: both keyframes' latents and each frame's place
+    between them (`keyframe_condition`), and the semantic map of the path P_1..P_L if the predictor
+    draws one. -> (B, 2C + 1 [+ M], F, h, w)."""
+    condition = keyframe_condition(start_latents, end_latents, path.shape[1])
+    drawn = predictor.condition_map(path)
+    if drawn is None:
+        return condition
+    return torch.cat([condition, semantic_map(drawn, tuple(start_latents.shape[-2:])).to(condition.dtype)], dim=1)
+
+
+def clip_grid_embeddings(image_encoder: CLIPVisionModelWithProjection, pixels: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, grid*grid, D): the vision tower's patch tokens pooled to a grid x grid
+    (row-major) and projected into the image-embedding space the way the class token is."""
+    hidden = image_encoder.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]  # (B, P, W)
+    side = int(round(hidden.shape[1] ** 0.5))
+    patches = hidden.transpose(1, 2).reshape(hidden.shape[0], -1, side, side)  # (B, W, s, s)
+    cells = torch.nn.functional.adaptive_avg_pool2d(patches, grid).flatten(2).transpose(1, 2)  # (B, g*g, W)
+    return image_encoder.visual_projection(image_encoder.vision_model.post_layernorm(cells))
 
 
 def tensor_to_images(tensor: torch.Tensor) -> list[Image.Image]:
@@ -78,17 +102,19 @@ class TransitionPipeline(DiffusionPipeline):
         motion_predictor: SemanticMotionPredictor,
     ) -> None:
         super().__init__()
-        if not is_transition_unet(unet):
+        map_channels = motion_predictor.config.map_channels
+        if not is_transition_unet(unet, map_channels):
             raise ValueError(
-                f"unet must be a transition UNetMotionModel taking 2C+1 input channels (got {type(unet).__name__} "
-                f"with in_channels={getattr(unet.config, 'in_channels', '?')}); build one with "
-                "storydiffusion.video.transition_unet(image_unet)"
+                f"unet must be a transition UNetMotionModel taking 3C+1+{map_channels} input channels (latents, both "
+                f"keyframes, the frame's place, the predictor's {map_channels}-channel map); got "
+                f"{type(unet).__name__} with in_channels={getattr(unet.config, 'in_channels', '?')}. Build one with "
+                f"storydiffusion.video.transition_unet(image_unet, map_channels={map_channels})"
             )
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
-            unet=unet,
+            unet=use_keyframe_attention(unet),
             scheduler=scheduler,
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
@@ -100,10 +126,15 @@ class TransitionPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """(B, D) unit-norm CLIP image embeddings: the semantic space the motion predictor works in."""
+        """Unit-norm CLIP image embeddings, the semantic space the motion predictor works in: (B, D)
+        pooled, or (B, g*g, D) patch embeddings on the predictor's g x g grid."""
         pixels = self.feature_extractor(images=[i.convert("RGB") for i in images], return_tensors="pt").pixel_values
         pixels = pixels.to(self._execution_device, self.image_encoder.dtype)
-        embeds = self.image_encoder(pixel_values=pixels).image_embeds
+        grid = self.motion_predictor.grid_size if self.motion_predictor.config.num_tokens > 1 else None
+        if grid is None:
+            embeds = self.image_encoder(pixel_values=pixels).image_embeds
+        else:
+            embeds = clip_grid_embeddings(self.image_encoder, pixels, grid)
         return torch.nn.functional.normalize(embeds.float(), dim=-1)
 
     @torch.no_grad()
@@ -198,7 +229,7 @@ class TransitionPipeline(DiffusionPipeline):
         text_states, negative_states = embeds["prompt_embeds"], embeds["negative_prompt_embeds"]  # (B, T, C)
 
         # 3. The semantic path P_1..P_L and its cross-attention tokens
-        start_embeds, end_embeds = self.encode_images(starts), self.encode_images(ends)  # (B, D)
+        start_embeds, end_embeds = self.encode_images(starts), self.encode_images(ends)  # (B, [N,] D)
         predictor = self.motion_predictor
         path = predictor(
             start_embeds.to(predictor.dtype),
@@ -206,15 +237,15 @@ class TransitionPipeline(DiffusionPipeline):
             num_frames,
             text_embeds=text_states.to(predictor.dtype) if predictor.reads_text else None,
             bypass=motion == "linear",
-        )  # (B, F, D)
+        )  # (B, F, [N,] D)
         tokens = predictor.condition_tokens(path).to(text_states.dtype)  # (B, F, K, C)
         encoder_states = frame_encoder_states(text_states, tokens)  # (B*F, T+K, C)
         if guided:  # the unconditional half keeps the motion tokens: guidance is on the prompt only
             encoder_states = torch.cat([frame_encoder_states(negative_states, tokens), encoder_states])
 
-        # 4. Keyframe condition
+        # 4. Keyframe condition (+ the path's semantic map)
         start_latents, end_latents = self.encode_latents(starts), self.encode_latents(ends)  # (B, C, h, w)
-        condition = keyframe_condition(start_latents, end_latents, num_frames).to(self.unet.dtype)
+        condition = transition_condition(predictor, path, start_latents.to(path.dtype), end_latents.to(path.dtype))
 
         # 5. Initial noise
         channels, (height, width) = start_latents.shape[1], start_latents.shape[-2:]
@@ -228,11 +259,14 @@ class TransitionPipeline(DiffusionPipeline):
         # 6. Denoising loop
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for step, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = torch.cat([latents, condition.float()], dim=1)  # (B, 2C+1, F, h, w)
+            model_input = torch.cat([latents, condition.float()], dim=1)  # (B, 3C+1[+M], F, h, w)
             model_input = self.scheduler.scale_model_input(model_input, t)
             if guided:
                 model_input = torch.cat([model_input, model_input])  # unconditional half first
-            output = self.unet(model_input.to(self.unet.dtype), t, encoder_hidden_states=encoder_states).sample
+            output = self.unet(
+                model_input.to(self.unet.dtype), t, encoder_hidden_states=encoder_states,
+                cross_attention_kwargs={"num_frames": num_frames},
+            ).sample
             if guided:
                 uncond, cond = output.float().chunk(2)
                 output = uncond + guidance_scale * (cond - uncond)

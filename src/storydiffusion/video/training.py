@@ -18,8 +18,8 @@ from PIL import Image
 
 from ..errors import StoryDiffusionError
 from .export import read_video
-from .pipeline import TransitionPipeline, images_to_tensor
-from .unet import frame_encoder_states, keyframe_condition
+from .pipeline import TransitionPipeline, images_to_tensor, transition_condition
+from .unet import frame_encoder_states
 
 VIDEO_FILES = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
 FRAME_FILES = (".png", ".jpg", ".jpeg", ".webp")
@@ -83,11 +83,12 @@ def clip_batches(
 def encode_clips(
     pipe: TransitionPipeline, clips: Sequence[Sequence[Image.Image]], captions: Sequence[str], latents: bool = True
 ) -> dict:
-    """The frozen encoders' view of a batch: frame embeddings (B, F, D), text (B, T, C) and, with
+    """The frozen encoders' view of a batch: frame embeddings (B, F, [N,] D), text (B, T, C) and, with
     `latents`, the frames' VAE latents (B, C, F, h, w)."""
     batch, frames = len(clips), len(clips[0])
     flat = [image for clip in clips for image in clip]
-    embeds = pipe.encode_images(flat).view(batch, frames, -1)
+    embeds = pipe.encode_images(flat)
+    embeds = embeds.view(batch, frames, *embeds.shape[1:])
     encoded = {"frame_embeds": embeds.float()}
     if latents:
         pixels = images_to_tensor(flat).to(pipe.vae.device, pipe.vae.dtype)
@@ -143,13 +144,15 @@ def diffusion_loss(
     bypass = bool(torch.rand((), generator=generator) < bypass_probability)
     path = predictor(
         embeds[:, 0], embeds[:, -1], frames, text_embeds=text if predictor.reads_text else None, bypass=bypass
-    )  # (B, F, D)
+    )  # (B, F, [N,] D)
     teach = torch.rand(clips, generator=generator, device=device) < teacher_probability
-    path = torch.where(teach[:, None, None], embeds.to(path.dtype), path)
+    path = torch.where(teach.view(-1, *[1] * (path.ndim - 1)), embeds.to(path.dtype), path)
     states = frame_encoder_states(text, predictor.condition_tokens(path))  # (B*F, T+K, C)
-    condition = keyframe_condition(latents[:, :, 0], latents[:, :, -1], frames)
-    model_input = torch.cat([noisy, condition], dim=1)  # (B, 2C+1, F, h, w)
-    prediction = unet(model_input, timesteps, encoder_hidden_states=states).sample
+    condition = transition_condition(predictor, path, latents[:, :, 0], latents[:, :, -1])
+    model_input = torch.cat([noisy, condition], dim=1)  # (B, 3C+1[+M], F, h, w)
+    prediction = unet(
+        model_input, timesteps, encoder_hidden_states=states, cross_attention_kwargs={"num_frames": frames}
+    ).sample
     return F.mse_loss(prediction[:, :, 1:-1].float(), target[:, :, 1:-1].float())  # the keyframes are given
 
 

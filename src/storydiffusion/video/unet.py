@@ -4,12 +4,24 @@ The video model is diffusers' `UNetMotionModel` (an image `UNet2DConditionModel`
 attention modules after every spatial block, the AnimateDiff layout), so AnimateDiff's
 `MotionAdapter` weights load into it. Two things make it a *transition* model:
 
-- keyframes in: its input holds, besides the noisy latents, the keyframe latents (start at frame 0,
-  end at frame L-1, zero elsewhere) and a mask channel marking those frames — the image-to-video
-  layout of SEINE / inpainting models. The extra input channels start at zero, so the converted
-  model begins as the image model;
+- keyframes in: its input holds, besides the noisy latents, both keyframes' latents on *every*
+  frame and a channel saying where the frame lies between them (0 at the start, 1 at the end) — so
+  each in-between frame sees what the character looks like at both ends without having to fetch it
+  through the temporal layers (the layout of image-to-video models that concatenate the condition
+  image to all frames; an earlier layout with the keyframes at the ends only lost the character's
+  clothes in the middle). The extra input channels start at zero, so the converted model begins as
+  the image model;
 - per-frame semantics: every frame's cross-attention sees `[text tokens ; tokens of P_i]`
-  (`frame_encoder_states`), P_i from the Semantic Motion Predictor.
+  (`frame_encoder_states`), P_i from the Semantic Motion Predictor; a predictor working on a grid of
+  embeddings also lays P_i out as a map (`semantic_map`) that joins the input channels, each latent
+  pixel beside the semantics of its cell — cross-attention alone let a small UNet ignore two tokens
+  among 77 text tokens.
+
+- keyframe attention: every spatial self-attention layer lets each frame attend to the two keyframes'
+  tokens besides its own (`KeyframeAttnProcessor`, installed by `use_keyframe_attention`; the cross-
+  frame attention of Tune-A-Video and Text2Video-Zero, StoryDiffusion's consistent self-attention
+  applied to frames): the character's look at both ends is one attention hop from every frame. It
+  adds no weights, so AnimateDiff / image-UNet weights still load.
 
 Batch layout everywhere: latents (B, C, F, H, W); per-frame tensors flattened frame-minor, row
 b*F + f, which is how `UNetMotionModel` folds frames into the batch.
@@ -18,24 +30,38 @@ b*F + f, which is how `UNetMotionModel` folds frames into the batch.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from torch import nn
 
 
-def keyframe_channels(latent_channels: int) -> int:
-    """Input channels of the transition UNet: noisy latents + keyframe latents + keyframe mask."""
-    return 2 * latent_channels + 1
+def keyframe_channels(latent_channels: int, map_channels: int = 0) -> int:
+    """Input channels of the transition UNet: noisy latents + start and end latents + the frame's place
+    in time (+ the semantic map's channels)."""
+    return 3 * latent_channels + 1 + map_channels
 
 
 def keyframe_condition(start_latents: torch.Tensor, end_latents: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """(B, C, H, W) start and end latents -> (B, C + 1, F, H, W): keyframe latents and the mask channel."""
+    """(B, C, H, W) start and end latents -> (B, 2C + 1, F, H, W): on every frame the start latents, the
+    end latents and a constant channel, the frame's place between them (0 .. 1)."""
     batch, channels, height, width = start_latents.shape
-    condition = start_latents.new_zeros(batch, channels + 1, num_frames, height, width)
-    condition[:, :channels, 0] = start_latents
-    condition[:, :channels, -1] = end_latents
-    condition[:, channels, 0] = 1.0
-    condition[:, channels, -1] = 1.0
-    return condition
+    place = torch.linspace(0.0, 1.0, num_frames, device=start_latents.device, dtype=start_latents.dtype)
+    return torch.cat(
+        [
+            start_latents[:, :, None].expand(batch, channels, num_frames, height, width),
+            end_latents[:, :, None].expand(batch, channels, num_frames, height, width),
+            place.view(1, 1, num_frames, 1, 1).expand(batch, 1, num_frames, height, width),
+        ],
+        dim=1,
+    )
+
+
+def semantic_map(condition_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, M, F, g, g) P_i map -> (B, M, F, h, w): stretched over the latents (bilinear)."""
+    batch, channels, frames, grid, _ = condition_map.shape
+    flat = condition_map.permute(0, 2, 1, 3, 4).flatten(0, 1)  # (B*F, M, g, g)
+    stretched = F.interpolate(flat.float(), size=size, mode="bilinear", align_corners=False)
+    return stretched.view(batch, frames, channels, *size).permute(0, 2, 1, 3, 4).to(condition_map.dtype)
 
 
 def frame_encoder_states(text_states: torch.Tensor, condition_tokens: torch.Tensor) -> torch.Tensor:
@@ -66,15 +92,18 @@ def motion_adapter_for(unet: UNet2DConditionModel, **overrides) -> MotionAdapter
     )
 
 
-def transition_unet(unet: UNet2DConditionModel, motion_adapter: MotionAdapter | None = None) -> UNetMotionModel:
+def transition_unet(
+    unet: UNet2DConditionModel, motion_adapter: MotionAdapter | None = None, map_channels: int = 0
+) -> UNetMotionModel:
     """An image UNet (+ AnimateDiff motion adapter; a fresh one if None) -> the transition UNetMotionModel.
 
-    The image UNet's weights are copied; its `conv_in` widens to take the keyframe condition, with
-    the new input channels at zero, so the converted model starts as the image model.
+    The image UNet's weights are copied; its `conv_in` widens to take the keyframe condition (and a
+    semantic map of `map_channels`), with the new input channels at zero, so the converted model
+    starts as the image model.
     """
     adapter = motion_adapter if motion_adapter is not None else motion_adapter_for(unet)
     video = UNetMotionModel.from_unet2d(unet, adapter)
-    return widen_conv_in(video, keyframe_channels(unet.config.in_channels))
+    return widen_conv_in(video, keyframe_channels(unet.config.in_channels, map_channels))
 
 
 def widen_conv_in(model: UNetMotionModel, in_channels: int) -> UNetMotionModel:
@@ -95,11 +124,71 @@ def widen_conv_in(model: UNetMotionModel, in_channels: int) -> UNetMotionModel:
     return model
 
 
-def is_transition_unet(unet: nn.Module) -> bool:
-    """Whether `unet` takes the keyframe condition (a UNetMotionModel with 2C + 1 input channels)."""
+def is_transition_unet(unet: nn.Module, map_channels: int = 0) -> bool:
+    """Whether `unet` takes the keyframe condition and a `map_channels` semantic map (a UNetMotionModel
+    with 3C + 1 + map_channels input channels)."""
     config = getattr(unet, "config", None)
     return (
         isinstance(unet, UNetMotionModel)
         and config is not None
-        and config.in_channels == keyframe_channels(config.out_channels)
+        and config.in_channels == keyframe_channels(config.out_channels, map_channels)
     )
+
+
+class KeyframeAttnProcessor:
+    """Spatial self-attention in which every frame also attends to its clip's first and last frame.
+
+    Takes `num_frames` through the UNet's `cross_attention_kwargs` (rows are clips major, frames
+    minor); without it, or for cross-attention, it is plain scaled-dot-product attention. Stateless:
+    one instance serves every layer and call.
+    """
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        num_frames: int | None = None,
+    ) -> torch.Tensor:
+        if hidden_states.ndim != 3:
+            raise ValueError(f"expected hidden states (batch, tokens, channels), got {tuple(hidden_states.shape)}")
+        rows, tokens, width = hidden_states.shape
+        if encoder_hidden_states is not None:
+            context = encoder_hidden_states
+            if attn.norm_cross:
+                context = attn.norm_encoder_hidden_states(context)
+        elif num_frames is None or num_frames < 2:
+            context = hidden_states
+        else:
+            if rows % num_frames:
+                raise ValueError(f"{rows} rows do not split into clips of num_frames={num_frames}")
+            frames = hidden_states.view(rows // num_frames, num_frames, tokens, width)
+            ends = torch.cat([frames[:, :1], frames[:, -1:]], dim=2).expand(-1, num_frames, -1, -1)  # (B, F, 2T, W)
+            context = torch.cat([frames, ends], dim=2).reshape(rows, 3 * tokens, width)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], rows)
+            attention_mask = attention_mask.view(rows, attn.heads, -1, attention_mask.shape[-1])
+        heads = attn.heads
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // heads
+        query, key, value = (x.view(rows, -1, heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        out = out.transpose(1, 2).reshape(rows, tokens, heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def use_keyframe_attention(unet: UNetMotionModel) -> UNetMotionModel:
+    """Give every spatial attention layer of `unet` a `KeyframeAttnProcessor` (the motion modules keep
+    theirs: they attend across frames already). Call it with `cross_attention_kwargs={"num_frames": F}`."""
+    processors = {
+        name: processor if "motion_modules" in name else KeyframeAttnProcessor()
+        for name, processor in unet.attn_processors.items()
+    }
+    unet.set_attn_processor(processors)
+    return unet
