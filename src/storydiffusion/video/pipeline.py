@@ -130,11 +130,10 @@ class TransitionPipeline(DiffusionPipeline):
         pooled, or (B, g*g, D) patch embeddings on the predictor's g x g grid."""
         pixels = self.feature_extractor(images=[i.convert("RGB") for i in images], return_tensors="pt").pixel_values
         pixels = pixels.to(self._execution_device, self.image_encoder.dtype)
-        grid = self.motion_predictor.grid_size if self.motion_predictor.config.num_tokens > 1 else None
-        if grid is None:
+        if self.motion_predictor.config.num_tokens == 1:
             embeds = self.image_encoder(pixel_values=pixels).image_embeds
         else:
-            embeds = clip_grid_embeddings(self.image_encoder, pixels, grid)
+            embeds = clip_grid_embeddings(self.image_encoder, pixels, self.motion_predictor.grid_size)
         return torch.nn.functional.normalize(embeds.float(), dim=-1)
 
     @torch.no_grad()
@@ -229,7 +228,7 @@ class TransitionPipeline(DiffusionPipeline):
         text_states, negative_states = embeds["prompt_embeds"], embeds["negative_prompt_embeds"]  # (B, T, C)
 
         # 3. The semantic path P_1..P_L and its cross-attention tokens
-        start_embeds, end_embeds = self.encode_images(starts), self.encode_images(ends)  # (B, [N,] D)
+        start_embeds, end_embeds = self.encode_images([*starts, *ends]).split(batch)  # (B, [N,] D) each
         predictor = self.motion_predictor
         path = predictor(
             start_embeds.to(predictor.dtype),
@@ -244,7 +243,7 @@ class TransitionPipeline(DiffusionPipeline):
             encoder_states = torch.cat([frame_encoder_states(negative_states, tokens), encoder_states])
 
         # 4. Keyframe condition (+ the path's semantic map)
-        start_latents, end_latents = self.encode_latents(starts), self.encode_latents(ends)  # (B, C, h, w)
+        start_latents, end_latents = self.encode_latents([*starts, *ends]).split(batch)  # (B, C, h, w) each
         condition = transition_condition(predictor, path, start_latents.to(path.dtype), end_latents.to(path.dtype))
 
         # 5. Initial noise

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 
@@ -143,6 +144,9 @@ class KeyframeAttnProcessor:
     one instance serves every layer and call.
     """
 
+    def __init__(self) -> None:
+        self.attention = AttnProcessor2_0()
+
     def __call__(
         self,
         attn,
@@ -152,35 +156,18 @@ class KeyframeAttnProcessor:
         temb: torch.Tensor | None = None,
         num_frames: int | None = None,
     ) -> torch.Tensor:
-        if hidden_states.ndim != 3:
-            raise ValueError(f"expected hidden states (batch, tokens, channels), got {tuple(hidden_states.shape)}")
-        rows, tokens, width = hidden_states.shape
-        if encoder_hidden_states is not None:
-            context = encoder_hidden_states
-            if attn.norm_cross:
-                context = attn.norm_encoder_hidden_states(context)
-        elif num_frames is None or num_frames < 2:
-            context = hidden_states
-        else:
+        if encoder_hidden_states is None and num_frames is not None and num_frames >= 2:
+            if hidden_states.ndim != 3:
+                raise ValueError(f"expected hidden states (batch, tokens, channels), got {tuple(hidden_states.shape)}")
+            rows, tokens, width = hidden_states.shape
             if rows % num_frames:
                 raise ValueError(f"{rows} rows do not split into clips of num_frames={num_frames}")
             frames = hidden_states.view(rows // num_frames, num_frames, tokens, width)
             ends = torch.cat([frames[:, :1], frames[:, -1:]], dim=2).expand(-1, num_frames, -1, -1)  # (B, F, 2T, W)
-            context = torch.cat([frames, ends], dim=2).reshape(rows, 3 * tokens, width)
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], rows)
-            attention_mask = attention_mask.view(rows, attn.heads, -1, attention_mask.shape[-1])
-        heads = attn.heads
-        query = attn.to_q(hidden_states)
-        key, value = attn.to_k(context), attn.to_v(context)
-        head_dim = key.shape[-1] // heads
-        query, key, value = (x.view(rows, -1, heads, head_dim).transpose(1, 2) for x in (query, key, value))
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-        out = out.transpose(1, 2).reshape(rows, tokens, heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
+            encoder_hidden_states = torch.cat([frames, ends], dim=2).reshape(rows, 3 * tokens, width)
+        # Self-attention layers have no cross-attention norm, so attending to the widened context
+        # through diffusers' processor is exactly self-attention over [own ; first ; last] tokens.
+        return self.attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
 def use_keyframe_attention(unet: UNetMotionModel) -> UNetMotionModel:
