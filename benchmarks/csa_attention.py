@@ -86,9 +86,9 @@ try:
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from storydiffusion.attention import ConsistentSelfAttnProcessor, CSAConfig, CSASchedule, kv_factor
-from storydiffusion.bank import BankSettings, IdentityBank
-from storydiffusion.controller import ConsistentAttention
+from storydiffusion.csa.attention import ConsistentSelfAttnProcessor, CSAConfig, CSASchedule, kv_factor
+from storydiffusion.csa.bank import BankSettings, IdentityBank
+from storydiffusion.csa.controller import ConsistentAttention
 
 CHANNELS = 640  # SDXL up_blocks.1 (the 640-channel decoder level)
 HEADS = 10

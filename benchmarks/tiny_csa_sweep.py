@@ -17,11 +17,11 @@ import time
 import torch
 from diffusers import StableDiffusionPipeline
 
-from storydiffusion.attention import CSAConfig, CSASchedule
 from storydiffusion.clip_score import ClipScorer
-from storydiffusion.tiny import TINY_DIR
-from storydiffusion.world_classifier import load_default_classifier
-from storydiffusion.world_eval import EvalSettings, default_stories, evaluate
+from storydiffusion.csa.attention import CSAConfig, CSASchedule
+from storydiffusion.world.classifier import load_default_classifier
+from storydiffusion.world.eval import EvalSettings, default_stories, evaluate
+from storydiffusion.world.models import TINY_CLIP_DIR, TINY_DIR
 
 ALL_LAYERS = ("*",)
 SETTINGS = {
@@ -46,7 +46,7 @@ def main() -> None:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     pipe = StableDiffusionPipeline.from_pretrained(str(TINY_DIR), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    classifier, clip = load_default_classifier(), ClipScorer("tiny")
+    classifier, clip = load_default_classifier(), ClipScorer(TINY_CLIP_DIR)
     base = EvalSettings(steps=args.steps, guidance=args.guidance, seeds=seeds)
     stories = default_stories(args.count)
     started = time.perf_counter()

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from storydiffusion import world_training as wt
 from storydiffusion.files import write_atomically
+from storydiffusion.world import training as wt
 
 VAE_DIR = Path(__file__).resolve().parents[1] / "src" / "storydiffusion" / "assets" / "tiny" / "vae"
 

@@ -1,4 +1,4 @@
-"""Train the tiny world's attribute classifier (`storydiffusion.world_classifier`) on rendered panels.
+"""Train the tiny world's attribute classifier (`storydiffusion.world.classifier`) on rendered panels.
 
 Every batch is drawn on the fly from `render_batch` (single-figure panels, any identity, pose, scene,
 placement and scale), so no dataset is stored. Mild degradations stand in for what a diffusion model
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from storydiffusion.files import write_atomically
-from storydiffusion.world_classifier import (
+from storydiffusion.world.classifier import (
     ATTRIBUTES,
     IGNORE_INDEX,
     AttributeClassifier,

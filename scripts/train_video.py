@@ -13,7 +13,7 @@ draws its own clips from a seed offset by its rank; gradients are averaged by ac
   share of the clips (`--teacher`) is conditioned on the true frames' embeddings instead of the
   predictor's, so the UNet learns to follow the path it is given.
 
-Data: `--data world` renders tiny-world clips on the fly (`storydiffusion.world_video.sample_clip`);
+Data: `--data world` renders tiny-world clips on the fly (`storydiffusion.world.video.sample_clip`);
 `--data FOLDER` reads video files or frame folders (`video.training.FolderClips`). The model starts
 from `--init` (a TransitionPipeline folder) or, by default, fresh motion layers and predictor on the
 shipped tiny image model. Checkpoints (`accelerator.save_state`: weights, EMA, optimiser, RNG, step)
@@ -46,11 +46,11 @@ from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
-from storydiffusion.tiny import TINY_VIDEO_DIR
 from storydiffusion.video.pipeline import TransitionPipeline
 from storydiffusion.video.training import FolderClips, TransitionTrainer, clip_batches, encode_clips
-from storydiffusion.world_training import warmup_cosine
-from storydiffusion.world_video import fresh_tiny_transition_pipeline, sample_clip
+from storydiffusion.world.models import TINY_VIDEO_DIR
+from storydiffusion.world.training import warmup_cosine
+from storydiffusion.world.video import fresh_tiny_transition_pipeline, sample_clip
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,8 +70,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--no-text", action="store_true", help="a predictor that does not read the prompt (fresh init only)")
     p.add_argument("--dropout", type=float, default=0.1, help="the predictor's dropout (fresh init only)")
-    p.add_argument("--grid", type=int, default=4,
-                   help="a fresh predictor on a GRID x GRID of patch embeddings per frame; 0: the pooled embedding")
+    p.add_argument(
+        "--grid",
+        type=int,
+        default=4,
+        help="a fresh predictor on a GRID x GRID of patch embeddings per frame; 0: the pooled embedding",
+    )
     p.add_argument("--map-channels", type=int, default=8, help="the semantic map's channels (fresh grid init only)")
     p.add_argument("--data", default="world", help="'world' (rendered on the fly) or a folder of clips")
     p.add_argument("--init", default=None, help="a TransitionPipeline folder to start from (default: fresh tiny)")
@@ -213,8 +217,10 @@ def train_predictor(args, accelerator, pipe, modules, optimizer, schedule, ema, 
         predicted = predictor(embeds[:, 0], embeds[:, -1], frames, text_embeds=text if predictor.reads_text else None)
         straight = predictor(embeds[:, 0], embeds[:, -1], frames, bypass=True)
         ema.restore(modules.parameters())
-    error = {name: ((path[:, 1:-1] - embeds[:, 1:-1]) ** 2).sum(-1).mean().item() for name, path in
-             (("predictor", predicted), ("straight_path", straight))}
+    error = {
+        name: ((path[:, 1:-1] - embeds[:, 1:-1]) ** 2).sum(-1).mean().item()
+        for name, path in (("predictor", predicted), ("straight_path", straight))
+    }
     accelerator.print(json.dumps({"held_out_clips": held_out, "embedding_mse": error}), flush=True)
 
 
@@ -231,8 +237,14 @@ def train(args, accelerator, pipe, modules, optimizer, schedule, ema, progress, 
         batch = encode_clips(pipe, clips, captions)
         batch["empty_text"] = empty
         loss = modules(
-            batch, "video", noise_schedule, generator, args.smp_weight, caption_dropout=args.caption_dropout,
-            bypass_probability=args.bypass, teacher_probability=args.teacher,
+            batch,
+            "video",
+            noise_schedule,
+            generator,
+            args.smp_weight,
+            caption_dropout=args.caption_dropout,
+            bypass_probability=args.bypass,
+            teacher_probability=args.teacher,
         )
         take_step(args, accelerator, loss, modules, optimizer, schedule, ema, progress, checkpoint)
         losses.append(loss.item())

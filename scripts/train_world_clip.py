@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from transformers import CLIPModel
 
-from storydiffusion import world_training as wt
 from storydiffusion.files import write_atomically
-from storydiffusion.tiny_random import clip_tokenizer
+from storydiffusion.pipelines.tiny_random import clip_tokenizer
+from storydiffusion.world import training as wt
 
 EVAL_SEED = 20_000  # held-out panels come from their own seed
 

@@ -52,8 +52,8 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from storydiffusion import world_training as wt
 from storydiffusion.files import write_atomically
+from storydiffusion.world import training as wt
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "storydiffusion" / "assets" / "tiny"
 

@@ -1,6 +1,6 @@
 """Train the tiny world's VAE: a diffusers `AutoencoderKL` (factor 4, 4 latent channels) on renders.
 
-Data is drawn on the fly by `storydiffusion.world` (see `world_training.render_vae_batch`): 64x64
+Data is drawn on the fly by `storydiffusion.world.render` (see `world_training.render_vae_batch`): 64x64
 batches where each image is a panel (0-2 figures) or a 64x64 window of a row/grid strip (so the
 seams between panels are seen), and every `--strip-every` steps a batch of whole 2x2 grid strips
 (128x128, a quarter of the batch size) so GroupNorm sees strip-sized canvases too. Loss
@@ -43,8 +43,8 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
-from storydiffusion import world_training as wt
 from storydiffusion.files import write_atomically
+from storydiffusion.world import training as wt
 
 CHECKPOINT = Path("/tmp/world_vae_ckpt/checkpoint.pt")
 EVAL_SEED = 10_000  # held-out renders come from their own seed, never the training stream's

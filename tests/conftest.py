@@ -5,7 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from tes
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from storydiffusion.tiny_random import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+from storydiffusion.pipelines.tiny_random import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
 
 
 def _quiet(pipe):

@@ -2,7 +2,7 @@
 
 import sys
 
-from storydiffusion import cli
+from storydiffusion.app import cli
 
 
 def run_cli(monkeypatch, capsys, *args):

@@ -5,7 +5,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from storydiffusion import CSAConfig, CSASchedule, StoryDiffusionError
-from storydiffusion.attention import (
+from storydiffusion.csa.attention import (
     ConsistentSelfAttnProcessor,
     borrow_from_others,
     consistent_attention,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from storydiffusion import BankMismatchError, BankSettings, IdentityBank, StoryDiffusionError
-from storydiffusion.bank import dequantize_int8, quantize_int8
+from storydiffusion.csa.bank import dequantize_int8, quantize_int8
 
 SETTINGS = BankSettings(
     model="tiny", unet_fingerprint="abc", scheduler="EulerDiscreteScheduler", num_steps=4,

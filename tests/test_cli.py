@@ -7,7 +7,7 @@ import pytest
 from helpers import run_cli
 from PIL import Image
 
-from storydiffusion import runner
+from storydiffusion.app import runner
 
 STORY_YAML = """\
 characters:
@@ -29,11 +29,9 @@ id_length: 2
 FAST = ["--device", "cpu"]
 
 
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from storydiffusion.tiny_random import tiny_sd_pipeline
+    from storydiffusion.pipelines.tiny_random import tiny_sd_pipeline
 
     path = tmp_path_factory.mktemp("model") / "tiny-sd"
     tiny_sd_pipeline(seed=0).save_pretrained(path)
@@ -89,8 +87,21 @@ def test_a_saved_character_is_reused_with_bank(monkeypatch, capsys, tmp_path, mo
     (tmp_path / "chars.txt").write_text("[Bob] a man with red hair\n")
     (tmp_path / "first.txt").write_text("[Bob] at home\n[Bob] on a bus\n")
     (tmp_path / "later.txt").write_text("[Bob] at the beach\n[NC] a street\n")
-    common = ["--characters", tmp_path / "chars.txt", "--model", model_dir, "--steps", "2", "--width", "64",
-              "--height", "64", "--id-length", "2", *FAST]
+    common = [
+        "--characters",
+        tmp_path / "chars.txt",
+        "--model",
+        model_dir,
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--id-length",
+        "2",
+        *FAST,
+    ]
     first = tmp_path / "first"
     assert run_cli(monkeypatch, capsys, "story", "--frames", tmp_path / "first.txt", "--out", first, *common)[0] == 0
     bank = first / "banks" / "Bob.safetensors"
@@ -102,8 +113,16 @@ def test_a_saved_character_is_reused_with_bank(monkeypatch, capsys, tmp_path, mo
     manifest = json.loads((later / "manifest.json").read_text())
     assert manifest["panels"]["0"]["role"] != "reference"  # Bob came from the bank, not new reference frames
     code, _, stderr = run_cli(
-        monkeypatch, capsys, "story", "--frames", tmp_path / "later.txt", "--out", tmp_path / "x",
-        "--bank", tmp_path / "missing.safetensors", *common,
+        monkeypatch,
+        capsys,
+        "story",
+        "--frames",
+        tmp_path / "later.txt",
+        "--out",
+        tmp_path / "x",
+        "--bank",
+        tmp_path / "missing.safetensors",
+        *common,
     )
     assert code == 1 and "missing.safetensors" in stderr
 

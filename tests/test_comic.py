@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from storydiffusion.comic import (
+from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.story.comic import (
     BORDER_WIDTH,
     CAPTION_LINES,
     CAPTION_PADDING,
@@ -27,7 +28,6 @@ from storydiffusion.comic import (
     split_panel,
     wrap_caption,
 )
-from storydiffusion.errors import StoryDiffusionError
 
 # a small page keeps rendering fast: 2x2 cells of 180x260 px
 SMALL = {"page_size": (400, 560), "margin": 16, "gutter": 8, "caption_font_size": 16}

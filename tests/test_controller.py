@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from storydiffusion import ConsistentAttention, ConsistentSelfAttnProcessor, CSAConfig, StoryDiffusionError
-from storydiffusion.controller import select_layers
+from storydiffusion.csa.controller import select_layers
 
 
 def test_install_then_uninstall_restores_the_very_same_processors(any_pipe):

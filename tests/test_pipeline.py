@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from storydiffusion import CSAConfig, CSASchedule, IdentityBank, StoryDiffusionError
-from storydiffusion.bank import BankMismatchError
-from storydiffusion.pipeline import Frame, StoryPipeline, parse_frame
+from storydiffusion.csa.bank import BankMismatchError
+from storydiffusion.pipelines.story_pipeline import Frame, StoryPipeline, parse_frame
 
 CHARACTERS = {"Bob": "a man with red hair, black suit", "Ann": "a woman with a green hat"}
 STORY = ["[Bob] at home", "[Bob] on a bus", "[Ann] reads a book", "[Ann] in the rain", "[Bob] and [Ann] dance",
@@ -131,7 +131,7 @@ def test_bank_dtype_and_device_are_configurable(sd_pipe):
 
 
 def test_two_story_pipelines_in_one_process_do_not_interfere(sd_pipe):
-    from storydiffusion.tiny_random import tiny_sd_pipeline
+    from storydiffusion.pipelines.tiny_random import tiny_sd_pipeline
 
     other_pipe = tiny_sd_pipeline(seed=1)
     other_pipe.set_progress_bar_config(disable=True)

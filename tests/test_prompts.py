@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from storydiffusion.pipeline import StoryPipeline
-from storydiffusion.prompts import chunk_input_ids, encode_long_prompts, needs_chunking, num_chunks
+from storydiffusion.pipelines.prompts import chunk_input_ids, encode_long_prompts, needs_chunking, num_chunks
+from storydiffusion.pipelines.story_pipeline import StoryPipeline
 
 SHORT = "a man with red hair reads a book"
 LONG = ", ".join(f"detail number {i} of the scene" for i in range(40))  # ~240 tokens

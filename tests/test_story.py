@@ -9,8 +9,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from storydiffusion.errors import StoryDiffusionError
-from storydiffusion.story import Story, StoryFormatError, StorySettings
-from storydiffusion.styles import DEFAULT_STYLE, STYLES, Style, apply_style, combine_negatives, get_style, style_names
+from storydiffusion.story.format import Story, StoryFormatError, StorySettings
+from storydiffusion.story.styles import (
+    DEFAULT_STYLE,
+    STYLES,
+    Style,
+    apply_style,
+    combine_negatives,
+    get_style,
+    style_names,
+)
 
 CHARACTERS = """\
 // the cast
@@ -116,7 +124,7 @@ def test_windows_line_endings_and_name_characters():
 
 
 def test_panels_match_the_pipelines_own_parser():
-    pipeline = pytest.importorskip("storydiffusion.pipeline")
+    pipeline = pytest.importorskip("storydiffusion.pipelines.story_pipeline")
     s = story()
     for panel in s.panels:
         if "#" not in panel.text:

@@ -9,10 +9,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPModel
 
-from storydiffusion import cli, world
+from storydiffusion.app import cli
+from storydiffusion.app.runner import default_model
 from storydiffusion.clip_score import ClipScorer
-from storydiffusion.runner import default_model
-from storydiffusion.tiny import TINY_CLIP_DIR, TINY_DIR, TINY_VIDEO_DIR, resolve_model
+from storydiffusion.world import render as world
+from storydiffusion.world.models import TINY_CLIP_DIR, TINY_DIR, TINY_VIDEO_DIR, resolve_model
 
 WEIGHT_BUDGET = 40 * 2**20  # bytes of shipped weights per family: the image models, the video model
 
@@ -57,7 +58,7 @@ def test_pipeline_folder_loads_offline_and_generates(pipe):
 def test_tiny_clip_loads_and_matches_scenes_to_their_names():
     clip = CLIPModel.from_pretrained(str(TINY_CLIP_DIR))
     assert clip.config.vision_config.image_size == 64
-    scorer = ClipScorer("tiny")
+    scorer = ClipScorer(TINY_CLIP_DIR)
     rng = np.random.default_rng(0)
     images = [world.render_panel(world.sample_panel(rng, num_figures=0, scene=scene)) for scene in world.SCENES]
     texts = [world.SCENE_NOUNS[scene] for scene in world.SCENES]

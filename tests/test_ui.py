@@ -13,9 +13,9 @@ import pytest
 from helpers import run_cli
 from PIL import Image
 
-from storydiffusion.story import Story, StoryFormatError
-from storydiffusion.tiny import TINY, tiny_model_available
-from storydiffusion.ui import EXAMPLES, StoryApp, make_story, parse_rate, parse_size
+from storydiffusion.app.ui import EXAMPLES, StoryApp, make_story, parse_rate, parse_size
+from storydiffusion.story.format import Story, StoryFormatError
+from storydiffusion.world.models import TINY, tiny_model_available
 
 pytestmark = pytest.mark.skipif(not tiny_model_available(), reason="the shipped tiny model's files are missing")
 
@@ -162,10 +162,8 @@ def test_the_page_has_the_story_boxes_examples_and_outputs(app):
         assert make_story(characters, frames, **FAST).panels  # every example is a valid story
 
 
-
-
 def test_ui_command_serves_the_app(monkeypatch, capsys):
-    from storydiffusion import ui
+    from storydiffusion.app import ui
 
     calls = []
     monkeypatch.setattr(ui, "serve", lambda *args, **kwargs: calls.append((*args, *kwargs.values())))
@@ -176,7 +174,7 @@ def test_ui_command_serves_the_app(monkeypatch, capsys):
 
 
 def test_ui_command_without_gradio_says_how_to_install(monkeypatch, capsys):
-    monkeypatch.delitem(sys.modules, "storydiffusion.ui")
+    monkeypatch.delitem(sys.modules, "storydiffusion.app.ui")
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now fails as if not installed
     code, _, stderr = run_cli(monkeypatch, capsys, "ui")
     assert code == 1 and "pip install 'storydiffusion[ui]'" in stderr

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from storydiffusion.tiny import TINY, tiny_model_available
-from storydiffusion.ui import StoryApp
+from storydiffusion.app.ui import StoryApp
+from storydiffusion.world.models import TINY, tiny_model_available
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -11,7 +11,6 @@ import torch
 from helpers import run_cli as invoke_cli
 from PIL import Image
 
-from storydiffusion import world
 from storydiffusion.video import (
     SemanticMotionPredictor,
     TransitionPipeline,
@@ -23,7 +22,8 @@ from storydiffusion.video import (
 )
 from storydiffusion.video.training import diffusion_loss, encode_clips, smp_loss
 from storydiffusion.video.unet import KeyframeAttnProcessor, semantic_map
-from storydiffusion.world_video import (
+from storydiffusion.world import render as world
+from storydiffusion.world.video import (
     MOTIONS,
     figure_position,
     fresh_tiny_transition_pipeline,
@@ -38,8 +38,16 @@ REPO = Path(__file__).resolve().parents[1]
 def small_predictor(text_dim=None, seed=0, num_tokens=1, map_channels=0):
     torch.manual_seed(seed)
     return SemanticMotionPredictor(
-        embed_dim=8, hidden_size=16, num_layers=2, num_heads=2, max_frames=6, text_dim=text_dim,
-        cross_attention_dim=12, condition_tokens=2, num_tokens=num_tokens, map_channels=map_channels,
+        embed_dim=8,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        max_frames=6,
+        text_dim=text_dim,
+        cross_attention_dim=12,
+        condition_tokens=2,
+        num_tokens=num_tokens,
+        map_channels=map_channels,
     )
 
 
@@ -265,8 +273,15 @@ def test_pipeline_makes_frames_whose_ends_are_the_keyframes(pipe, walk):
 
 def test_the_pooled_design_makes_frames_too(pooled_pipe, walk):
     truth = walk.render()
-    out = pooled_pipe(truth[0], truth[-1], walk.caption, num_frames=4, num_inference_steps=2, output_type="np",
-                      generator=torch.Generator().manual_seed(0))
+    out = pooled_pipe(
+        truth[0],
+        truth[-1],
+        walk.caption,
+        num_frames=4,
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.frames.shape == (1, 4, 64, 64, 3) and out.frame_embeds.shape == (1, 4, 64)
 
 
@@ -278,8 +293,16 @@ def test_the_unet_reads_the_semantic_map(walk):
         torch.nn.init.normal_(model.unet.conv_in.weight[:, 13:], std=0.5)  # let the map's channels through
 
     def frames():
-        return model(truth[0], truth[-1], "x", num_frames=4, num_inference_steps=2, output_type="np",
-                     anchor_keyframes=False, generator=torch.Generator().manual_seed(0)).frames
+        return model(
+            truth[0],
+            truth[-1],
+            "x",
+            num_frames=4,
+            num_inference_steps=2,
+            output_type="np",
+            anchor_keyframes=False,
+            generator=torch.Generator().manual_seed(0),
+        ).frames
 
     before = frames()
     with torch.no_grad():
@@ -294,8 +317,16 @@ def test_linear_motion_differs_from_the_predictor_once_trained(pipe, walk):
     try:
         torch.nn.init.normal_(predictor.proj_out.weight, std=0.5)
         runs = {
-            motion: pipe(truth[0], truth[-1], walk.caption, num_frames=4, num_inference_steps=1, motion=motion,
-                         output_type="np", generator=torch.Generator().manual_seed(0)).frame_embeds
+            motion: pipe(
+                truth[0],
+                truth[-1],
+                walk.caption,
+                num_frames=4,
+                num_inference_steps=1,
+                motion=motion,
+                output_type="np",
+                generator=torch.Generator().manual_seed(0),
+            ).frame_embeds
             for motion in ("smp", "linear")
         }
     finally:
@@ -409,7 +440,13 @@ def test_the_predictor_learns_a_fixed_batch(pipe):
     clips = [sample_clip(rng, 5) for _ in range(2)]
     batch = encode_clips(pipe, [c.render() for c in clips], [c.caption for c in clips], latents=False)
     predictor = SemanticMotionPredictor(
-        embed_dim=64, hidden_size=32, num_layers=1, num_heads=2, max_frames=8, text_dim=64, cross_attention_dim=64,
+        embed_dim=64,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        max_frames=8,
+        text_dim=64,
+        cross_attention_dim=64,
         num_tokens=16,  # the fixture's 4 x 4 grid
     )
     assert batch["frame_embeds"].shape == (2, 5, 16, 64)
@@ -495,8 +532,21 @@ def keyframes(tmp_path_factory, walk):
 def test_video_command_writes_a_clip(run_cli, keyframes, pipe_folder, tmp_path):
     out = tmp_path / "clip.mp4"
     code, printed = run_cli(
-        "video", keyframes / "start.png", keyframes / "end.png", "--prompt", "a boy walking on a beach",
-        "--out", out, "--frames", 4, "--steps", 2, "--model", pipe_folder, "--device", "cpu",
+        "video",
+        keyframes / "start.png",
+        keyframes / "end.png",
+        "--prompt",
+        "a boy walking on a beach",
+        "--out",
+        out,
+        "--frames",
+        4,
+        "--steps",
+        2,
+        "--model",
+        pipe_folder,
+        "--device",
+        "cpu",
     )
     assert code == 0, printed
     assert len(read_video(out)) == 4
@@ -550,7 +600,7 @@ def test_story_video_needs_a_story_folder(run_cli, pipe_folder, tmp_path):
 
 
 def test_shipped_tiny_video_model_loads_offline_and_animates(walk):
-    from storydiffusion.tiny import TINY_VIDEO_DIR, resolve_video_model
+    from storydiffusion.world.models import TINY_VIDEO_DIR, resolve_video_model
 
     assert resolve_video_model("tiny") == str(TINY_VIDEO_DIR)
     shipped = TransitionPipeline.from_pretrained(TINY_VIDEO_DIR)
@@ -558,8 +608,15 @@ def test_shipped_tiny_video_model_loads_offline_and_animates(walk):
     assert len(shipped.tokenizer) == 49408  # an offline load can silently give an empty vocabulary
     assert shipped.unet.dtype == torch.float32 and shipped.motion_predictor.reads_text
     truth = walk.render()
-    out = shipped(truth[0], truth[-1], walk.caption, num_frames=4, num_inference_steps=4, output_type="np",
-                  generator=torch.Generator().manual_seed(0))
+    out = shipped(
+        truth[0],
+        truth[-1],
+        walk.caption,
+        num_frames=4,
+        num_inference_steps=4,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     frames = out.frames[0]
     assert frames.shape == (4, 64, 64, 3) and frames[1:-1].std() > 0.05  # pictures, not a flat colour
     start = np.asarray(truth[0], dtype=np.float32) / 255
@@ -569,14 +626,33 @@ def test_shipped_tiny_video_model_loads_offline_and_animates(walk):
 def test_eval_video_end_to_end_on_a_reduced_set(monkeypatch, capsys, tmp_path):
     out = tmp_path / "eval.json"
     code, stdout, stderr = invoke_cli(
-        monkeypatch, capsys, "eval-video", "--clips", 1, "--frames", 4, "--steps", 2, "--json", out,
-        "--images", tmp_path / "images", "--device", "cpu",
+        monkeypatch,
+        capsys,
+        "eval-video",
+        "--clips",
+        1,
+        "--frames",
+        4,
+        "--steps",
+        2,
+        "--json",
+        out,
+        "--images",
+        tmp_path / "images",
+        "--device",
+        "cpu",
     )
     assert code == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])  # the last line printed is the JSON
     assert result == json.loads(out.read_text())
-    metrics = {"trajectory_error", "identity_agreement", "lpips_first", "lpips_frames", "clipsim_first",
-               "clipsim_frames"}
+    metrics = {
+        "trajectory_error",
+        "identity_agreement",
+        "lpips_first",
+        "lpips_frames",
+        "clipsim_first",
+        "clipsim_frames",
+    }
     for arm in ("smp", "linear_embedding", "latent_interpolation", "ground_truth"):
         assert set(result[arm]) == metrics
         assert 0.0 <= result[arm]["identity_agreement"] <= 1.0 and -1.0 <= result[arm]["clipsim_first"] <= 1.0

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storydiffusion import world as w
+from storydiffusion.world import render as w
 
 BASE = w.Identity("man", "red", "short", "tan", "blue", "black", "none")
 CENTRE = w.Placement(0.5, 0.92, 0.8, 1)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from storydiffusion import world as w
-from storydiffusion import world_classifier as wc
+from storydiffusion.world import classifier as wc
+from storydiffusion.world import render as w
 
 HELD_OUT_SEED = 20_250_101  # neither the training seed (0) nor the evaluation seeds (1_000_003, 1_000_004)
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import yaml
 
-from storydiffusion import world
-from storydiffusion.story import Story, StoryFormatError
-from storydiffusion.world_eval import (
+from storydiffusion.story.format import Story, StoryFormatError
+from storydiffusion.world import render as world
+from storydiffusion.world.eval import (
     SCORED_IDENTITY,
     EvalStory,
     WorldPrompt,

@@ -9,8 +9,8 @@ import torch
 from diffusers import AutoencoderKL
 
 import storydiffusion
-from storydiffusion import world
-from storydiffusion import world_training as wt
+from storydiffusion.world import render as world
+from storydiffusion.world import training as wt
 
 VAE_DIR = Path(storydiffusion.__file__).parent / "assets" / "tiny" / "vae"
 

@@ -3,25 +3,25 @@
 from importlib import import_module
 from typing import Any
 
-from .attention import ConsistentSelfAttnProcessor, CSAConfig, CSASchedule
-from .bank import BankSettings, IdentityBank
-from .controller import ConsistentAttention
+from .csa.attention import ConsistentSelfAttnProcessor, CSAConfig, CSASchedule
+from .csa.bank import BankSettings, IdentityBank
+from .csa.controller import ConsistentAttention
 from .errors import BankMismatchError, StoryDiffusionError
 
 # Heavier pieces load on first use, so `import storydiffusion` stays quick for the command line.
 _LAZY = {
-    "StoryPipeline": "pipeline",
-    "StoryPipelineOutput": "pipeline",
-    "Frame": "pipeline",
-    "FrameInfo": "pipeline",
-    "Story": "story",
-    "StorySettings": "story",
-    "StoryFormatError": "story",
-    "ComicLayout": "comic",
-    "make_comic": "comic",
-    "save_comic": "comic",
-    "apply_style": "styles",
-    "style_names": "styles",
+    "StoryPipeline": "pipelines.story_pipeline",
+    "StoryPipelineOutput": "pipelines.story_pipeline",
+    "Frame": "pipelines.story_pipeline",
+    "FrameInfo": "pipelines.story_pipeline",
+    "Story": "story.format",
+    "StorySettings": "story.format",
+    "StoryFormatError": "story.format",
+    "ComicLayout": "story.comic",
+    "make_comic": "story.comic",
+    "save_comic": "story.comic",
+    "apply_style": "story.styles",
+    "style_names": "story.styles",
     "SemanticMotionPredictor": "video.smp",
     "TransitionPipeline": "video.pipeline",
 }

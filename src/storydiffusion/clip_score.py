@@ -4,7 +4,7 @@ CLIP-I of a set of images is the mean cosine similarity of their image embedding
 (identity consistency); CLIP-T of (image, prompt) pairs is the mean cosine similarity of each image's
 embedding with its prompt's (prompt following). The model is a hub id or a folder holding a
 `CLIPModel` and its processor (`openai/clip-vit-large-patch14` on a GPU machine; the tiny world's
-own CLIP, `"tiny"`, offline).
+own CLIP, `world.models.TINY_CLIP_DIR`, offline).
 """
 
 from __future__ import annotations
@@ -16,18 +16,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .errors import StoryDiffusionError
+from storydiffusion.errors import StoryDiffusionError
 
 
 class ClipScorer:
     """Embeds images and texts with one CLIP model and scores them (CLIP-I, CLIP-T)."""
 
-    def __init__(self, model: str | Path = "tiny", device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: str | Path, device: str | torch.device = "cpu") -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        from .tiny import resolve_clip
-
-        path = resolve_clip(str(model))
+        path = str(model)  # the tiny world's CLIP: storydiffusion.world.models.resolve_clip("tiny")
         try:
             self.model = CLIPModel.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
             self.processor = CLIPProcessor.from_pretrained(path)

@@ -1,9 +1,9 @@
 """The video half: the Semantic Motion Predictor, the transition video model and pipeline, export."""
 
-from .export import read_video, write_frames, write_video
-from .pipeline import TransitionPipeline, TransitionPipelineOutput
-from .smp import SemanticMotionPredictor, interpolate_embeddings
-from .unet import frame_encoder_states, keyframe_condition, motion_adapter_for, transition_unet
+from storydiffusion.video.export import read_video, write_frames, write_video
+from storydiffusion.video.pipeline import TransitionPipeline, TransitionPipelineOutput
+from storydiffusion.video.smp import SemanticMotionPredictor, interpolate_embeddings
+from storydiffusion.video.unet import frame_encoder_states, keyframe_condition, motion_adapter_for, transition_unet
 
 __all__ = [
     "SemanticMotionPredictor",

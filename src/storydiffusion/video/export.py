@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import StoryDiffusionError
-from ..files import write_atomically
+from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.files import write_atomically
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 

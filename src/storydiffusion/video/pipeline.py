@@ -28,9 +28,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from ..prompts import encode_long_prompts
-from .smp import SemanticMotionPredictor
-from .unet import frame_encoder_states, is_transition_unet, keyframe_condition, semantic_map, use_keyframe_attention
+from storydiffusion.pipelines.prompts import encode_long_prompts
+from storydiffusion.video.smp import SemanticMotionPredictor
+from storydiffusion.video.unet import (
+    frame_encoder_states,
+    is_transition_unet,
+    keyframe_condition,
+    semantic_map,
+    use_keyframe_attention,
+)
 
 MOTIONS = ("smp", "linear")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -154,7 +160,12 @@ class TransitionPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ checks
 
     def check_inputs(
-        self, starts: list[Image.Image], ends: list[Image.Image], prompts: list[str], num_frames: int, motion: str,
+        self,
+        starts: list[Image.Image],
+        ends: list[Image.Image],
+        prompts: list[str],
+        num_frames: int,
+        motion: str,
         output_type: str,
     ) -> None:
         if not starts or len(starts) != len(ends):
@@ -263,7 +274,9 @@ class TransitionPipeline(DiffusionPipeline):
             if guided:
                 model_input = torch.cat([model_input, model_input])  # unconditional half first
             output = self.unet(
-                model_input.to(self.unet.dtype), t, encoder_hidden_states=encoder_states,
+                model_input.to(self.unet.dtype),
+                t,
+                encoder_hidden_states=encoder_states,
                 cross_attention_kwargs={"num_frames": num_frames},
             ).sample
             if guided:

@@ -177,7 +177,11 @@ class SemanticMotionPredictor(ModelMixin, ConfigMixin):
         return cells_map.view(batch, frames, grid, grid, -1).permute(0, 4, 1, 2, 3)
 
     def _check(
-        self, start: torch.Tensor, end: torch.Tensor, num_frames: int, text_embeds: torch.Tensor | None,
+        self,
+        start: torch.Tensor,
+        end: torch.Tensor,
+        num_frames: int,
+        text_embeds: torch.Tensor | None,
         needs_text: bool,
     ) -> None:
         dim, cells = self.config.embed_dim, self.config.num_tokens

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import StoryDiffusionError
-from .export import read_video
-from .pipeline import TransitionPipeline, images_to_tensor, transition_condition
-from .unet import frame_encoder_states
+from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.video.export import read_video
+from storydiffusion.video.pipeline import TransitionPipeline, images_to_tensor, transition_condition
+from storydiffusion.video.unet import frame_encoder_states
 
 VIDEO_FILES = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
 FRAME_FILES = (".png", ".jpg", ".jpeg", ".webp")
@@ -37,7 +37,8 @@ class FolderClips:
         if not self.folder.is_dir():
             raise StoryDiffusionError(f"clip folder {str(self.folder)!r} does not exist")
         self.items = sorted(
-            p for p in self.folder.iterdir()
+            p
+            for p in self.folder.iterdir()
             if (p.is_file() and p.suffix.lower() in VIDEO_FILES) or (p.is_dir() and self._frame_files(p))
         )
         if not self.items:
@@ -96,7 +97,10 @@ def encode_clips(
         shaped = flat_latents.view(batch, frames, *flat_latents.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
         encoded["latents"] = shaped.float()
     ids = pipe.tokenizer(
-        list(captions), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+        list(captions),
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
         return_tensors="pt",
     ).input_ids.to(pipe.text_encoder.device)
     encoded["text"] = pipe.text_encoder(ids)[0].float()

@@ -7,7 +7,7 @@ the K/V factor `1 + r * (B - 1)`.
 
 This module holds the math (small pure functions) and the processor, which keeps settings only.
 All state — mode, step, random generator, banks — lives in the controller that the processor is
-handed (`storydiffusion.controller.ConsistentAttention`).
+handed (`storydiffusion.csa.controller.ConsistentAttention`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from .errors import StoryDiffusionError
+from storydiffusion.errors import StoryDiffusionError
 
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
 
-    from .controller import ConsistentAttention
+    from storydiffusion.csa.controller import ConsistentAttention
 
 
 # --------------------------------------------------------------------------------------------

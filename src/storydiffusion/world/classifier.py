@@ -1,6 +1,6 @@
 """Tiny world attribute classifier: the measuring instrument for identity consistency and prompt alignment.
 
-A small CNN reads a 64x64 panel of the tiny world (`storydiffusion.world`) holding one figure and
+A small CNN reads a 64x64 panel of the tiny world (`storydiffusion.world.render`) holding one figure and
 predicts the figure's identity attributes (kind, hair colour, hair style, skin tone, shirt colour,
 trousers colour, accessory) and the panel's pose and scene, one linear head each. It is trained on
 rendered ground truth only (`scripts/train_attribute_classifier.py`, data drawn on the fly by
@@ -47,7 +47,7 @@ from diffusers.configuration_utils import register_to_config
 from PIL import Image
 from torch import nn
 
-from .world import POSES, SCENES, VOCABULARIES, Panel, render_panel, sample_panel
+from storydiffusion.world.render import POSES, SCENES, VOCABULARIES, Panel, render_panel, sample_panel
 
 IGNORE_INDEX = -100  # cross-entropy's ignore_index: the target is invisible (a hidden hair colour)
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import StoryDiffusionError
-from ..files import write_atomically
-from ..runner import MANIFEST, pick_device, pick_dtype
-from ..tiny import resolve_video_model
-from .export import write_frames, write_video
-from .pipeline import TransitionPipeline
+from storydiffusion.app.runner import MANIFEST, pick_device, pick_dtype
+from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.files import write_atomically
+from storydiffusion.video.export import write_frames, write_video
+from storydiffusion.video.pipeline import TransitionPipeline
+from storydiffusion.world.models import resolve_video_model
 
 
 @dataclass(frozen=True)
@@ -85,15 +85,26 @@ def transition(
     """One transition's frames, seeded by `settings.seed`."""
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     output = pipe(
-        start, end, prompt, num_frames=settings.num_frames, num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance, negative_prompt=settings.negative_prompt or None,
-        motion=settings.motion, generator=generator,
+        start,
+        end,
+        prompt,
+        num_frames=settings.num_frames,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        negative_prompt=settings.negative_prompt or None,
+        motion=settings.motion,
+        generator=generator,
     )
     return output.frames[0]
 
 
 def run_transition(
-    pipe: TransitionPipeline, start_path: Path, end_path: Path, prompt: str, out: Path, settings: TransitionSettings,
+    pipe: TransitionPipeline,
+    start_path: Path,
+    end_path: Path,
+    prompt: str,
+    out: Path,
+    settings: TransitionSettings,
     fps: float = 8.0,
 ) -> Path:
     """START + END images -> a video file (MP4 or GIF, by `out`'s suffix)."""
@@ -166,4 +177,3 @@ def run_story_video(
             on_transition(i + 1, len(panels) - 1)
     target = out if out is not None else Path(story_dir) / "story.mp4"
     return write_video(frames, target, fps), reused
-

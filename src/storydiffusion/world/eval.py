@@ -37,13 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from . import world
-from .attention import CSAConfig, CSASchedule
-from .errors import StoryDiffusionError
-from .story import Story, StoryFormatError
-from .world_classifier import SCORED_IDENTITY_ATTRIBUTES, agreement
+from storydiffusion.csa.attention import CSAConfig, CSASchedule
+from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.story.format import Story, StoryFormatError
+from storydiffusion.world import render as world
+from storydiffusion.world.classifier import SCORED_IDENTITY_ATTRIBUTES, agreement
 
 ARMS: tuple[str, ...] = ("baseline", "shared_noise", "csa", "csa_shared_noise")
 # Identity attributes the classifier reads reliably enough to score (see world_classifier.SCORED_ATTRIBUTES).
@@ -269,7 +268,7 @@ def evaluate(
     it); `progress(done, total)` counts story runs; `only` restricts the arms (names of `ARMS` and
     "strip"). Returns the JSON-ready result (see module doc).
     """
-    from .pipeline import StoryPipeline
+    from storydiffusion.pipelines.story_pipeline import StoryPipeline
 
     arms = {name: arm for name, arm in arm_settings(settings).items() if only is None or name in only}
     results: dict[str, Any] = {}
@@ -342,49 +341,3 @@ def load_eval_stories(path: str | Path) -> list[EvalStory]:
     else:
         parsed = [Story.from_file(path)]
     return check_stories(parsed)
-
-
-def run_eval(
-    model: str,
-    settings: EvalSettings,
-    stories: str | Path | None = None,
-    count: int = 24,
-    clip_model: str = "tiny",
-    device: str = "auto",
-    images_dir: str | Path | None = None,
-) -> dict[str, Any]:
-    """`storydiffusion eval`: load everything, run `evaluate`, optionally save every story as a strip."""
-    from tqdm.auto import tqdm
-
-    from .clip_score import ClipScorer
-    from .runner import RunOptions, load_story_pipeline
-    from .world_classifier import load_default_classifier
-
-    eval_stories = load_eval_stories(stories) if stories is not None else default_stories(count)
-    # The story command's loader (device, dtype, `tiny`, clear errors); each arm wraps the pipe in its own CSA.
-    pipe = load_story_pipeline(model, RunOptions(device=device, progress=False), settings.csa).pipe
-    classifier = load_default_classifier(pipe.device)
-    clip = ClipScorer(clip_model, pipe.device)
-
-    on_story = None
-    if images_dir is not None:
-        folder = Path(images_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        index = {id(s): i for i, s in enumerate(eval_stories)}
-
-        def on_story(arm: str, seed: int, story: EvalStory, images: list) -> None:
-            strip = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
-            x = 0
-            for image in images:
-                strip.paste(image, (x, 0))
-                x += image.width
-            strip.save(folder / f"story{index[id(story)]:02d}_seed{seed}_{arm}.png")
-
-    with tqdm(total=1, desc="story runs", unit="story") as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        return evaluate(pipe, eval_stories, settings, classifier, clip, on_story=on_story, progress=progress)

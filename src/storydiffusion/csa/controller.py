@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import torch
 
-from .attention import ConsistentSelfAttnProcessor, CSAConfig, layer_level, sample_token_indices
-from .bank import IdentityBank
-from .errors import StoryDiffusionError
+from storydiffusion.csa.attention import ConsistentSelfAttnProcessor, CSAConfig, layer_level, sample_token_indices
+from storydiffusion.csa.bank import IdentityBank
+from storydiffusion.errors import StoryDiffusionError
 
 Mode = Literal["off", "mutual", "read"]
 

@@ -29,8 +29,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
-from storydiffusion import world
-from storydiffusion.attention import consistent_attention, num_sampled_tokens, sample_token_indices
+from storydiffusion.csa.attention import consistent_attention, num_sampled_tokens, sample_token_indices
+from storydiffusion.world import render as world
 
 # The tiny VAE: downsampling factor 4 (two downsamples over three blocks), 4 latent channels, so a
 # 64x64 panel is a 16x16 latent and a 2x2 grid strip (128x128) a 32x32 one. No attention in the mid

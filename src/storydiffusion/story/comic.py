@@ -33,8 +33,8 @@ from typing import Literal
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
-from .errors import StoryDiffusionError
-from .files import write_atomically
+from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.files import write_atomically
 
 FONT_FILE = "DejaVuSans.ttf"  # shipped in storydiffusion/assets/fonts, licence beside it
 LAYOUT_KINDS = ("grid", "four", "classic")

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import BankMismatchError, StoryDiffusionError
+from storydiffusion.errors import BankMismatchError, StoryDiffusionError
 
 BANK_FORMAT_VERSION = 1
 STORAGE_DTYPES = ("int8", "float16", "bfloat16", "float32")

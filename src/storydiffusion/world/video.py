@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import world
-from .tiny import TINY_CLIP_DIR, TINY_DIR
+from storydiffusion.world import render as world
+from storydiffusion.world.models import TINY_CLIP_DIR, TINY_DIR
 
 MOTIONS = ("walking", "running", "jumping", "waving")
 MISSING_FIGURE_ERROR = 0.5  # trajectory error of a frame whose figure cannot be found (frame fractions)
@@ -79,8 +79,16 @@ def sample_clip(
     start = world.Placement(xs[0], y, scale, direction)
     end = world.Placement(xs[1], y, scale, direction)
     panels = world.animate(
-        identity, motion, scene, start, end, num_frames,
-        phase_step=phase_step, start_phase=start_phase, rng=rng, omit_probability=omit_probability,
+        identity,
+        motion,
+        scene,
+        start,
+        end,
+        num_frames,
+        phase_step=phase_step,
+        start_phase=start_phase,
+        rng=rng,
+        omit_probability=omit_probability,
     )
     return Clip(motion, tuple(panels))
 
@@ -180,21 +188,27 @@ def tiny_image_encoder():
     return encoder.eval()
 
 
-def tiny_motion_predictor(
-    text: bool = True, seed: int = 0, dropout: float = 0.0, grid: int = 4, map_channels: int = 8
-):
+def tiny_motion_predictor(text: bool = True, seed: int = 0, dropout: float = 0.0, grid: int = 4, map_channels: int = 8):
     """A fresh tiny Semantic Motion Predictor for the tiny CLIP (64-d embeddings) and UNet (64-d context):
     on a `grid` x `grid` of patch embeddings a frame (one cross-attention token a cell, and a
     `map_channels` map), or with `grid=0` on the pooled embedding (the paper's; 2 tokens a frame)."""
-    from .video.smp import SemanticMotionPredictor
+    from storydiffusion.video.smp import SemanticMotionPredictor
 
     torch.manual_seed(seed)
     cells = 1 if grid == 0 else grid * grid
     map_channels = 0 if grid == 0 else map_channels
     return SemanticMotionPredictor(
-        embed_dim=64, hidden_size=128, num_layers=4, num_heads=4, max_frames=16,
-        text_dim=64 if text else None, cross_attention_dim=64, condition_tokens=2 if cells == 1 else 1,
-        num_tokens=cells, map_channels=map_channels, dropout=dropout,
+        embed_dim=64,
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        max_frames=16,
+        text_dim=64 if text else None,
+        cross_attention_dim=64,
+        condition_tokens=2 if cells == 1 else 1,
+        num_tokens=cells,
+        map_channels=map_channels,
+        dropout=dropout,
     )
 
 
@@ -211,8 +225,8 @@ def fresh_tiny_transition_pipeline(
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-    from .video.pipeline import TransitionPipeline
-    from .video.unet import motion_adapter_for, transition_unet
+    from storydiffusion.video.pipeline import TransitionPipeline
+    from storydiffusion.video.unet import motion_adapter_for, transition_unet
 
     folder = Path(image_model)
     torch.manual_seed(seed)

@@ -1,7 +1,7 @@
 """The tiny world's model family shipped inside the package, and its short names.
 
 `assets/tiny/` is a `StableDiffusionPipeline` folder (unet/, vae/, text_encoder/, tokenizer/,
-scheduler/, model_index.json) trained on the tiny world (`storydiffusion.world`) by the scripts in
+scheduler/, model_index.json) trained on the tiny world (`storydiffusion.world.render`) by the scripts in
 `scripts/`; `assets/tiny/clip/` holds the tiny CLIP (`CLIPModel` + processor) whose text tower is the
 pipeline's text encoder. Both load offline with the usual `from_pretrained`.
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from .errors import StoryDiffusionError
+from storydiffusion.errors import StoryDiffusionError
 
 PROMPT_SLOT = "{prompt}"
 

@@ -1,6 +1,6 @@
 """Built-in example stories, shared by `storydiffusion demo` and the web UI."""
 
-# The demo speaks the tiny world's grammar (`storydiffusion.world`): what a description leaves out
+# The demo speaks the tiny world's grammar (`storydiffusion.world.render`): what a description leaves out
 # (Mia's hair, Leo's shirt...) the model invents, and CSA keeps it the same from panel to panel.
 DEMO_CHARACTERS = """\
 [Mia] a girl with a ponytail and a yellow shirt

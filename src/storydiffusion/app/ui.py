@@ -29,16 +29,16 @@ from typing import Any
 import gradio as gr
 import yaml
 
-from .attention import CSAConfig
-from .bank import IdentityBank
-from .comic import ComicLayout
-from .errors import StoryDiffusionError
-from .examples import DEMO_CHARACTERS, DEMO_FRAMES
-from .pipeline import StoryPipeline
-from .runner import TINY_RANDOM, RunOptions, RunResult, default_model, load_story_pipeline, run_story
-from .story import Story, StoryFormatError, StorySettings
-from .styles import DEFAULT_STYLE, style_names
-from .tiny import TINY, TINY_SIZE, tiny_model_available
+from storydiffusion.app.runner import TINY_RANDOM, RunOptions, RunResult, default_model, load_story_pipeline, run_story
+from storydiffusion.csa.attention import CSAConfig
+from storydiffusion.csa.bank import IdentityBank
+from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.pipelines.story_pipeline import StoryPipeline
+from storydiffusion.story.comic import ComicLayout
+from storydiffusion.story.examples import DEMO_CHARACTERS, DEMO_FRAMES
+from storydiffusion.story.format import Story, StoryFormatError, StorySettings
+from storydiffusion.story.styles import DEFAULT_STYLE, style_names
+from storydiffusion.world.models import TINY, TINY_SIZE, tiny_model_available
 
 RUN_DIR = "story"  # a run's files, inside its folder; also the top folder of its zip
 STORY_FILE = "story.yaml"  # the run's story and settings, for `storydiffusion story story.yaml`
@@ -61,7 +61,7 @@ one rate per resolution level (`2: 0.5, 4: 0.5`). **Size**: `WxH` in multiples o
 model's own size.
 """
 
-# One-click stories in the tiny model's grammar (`storydiffusion.world`): kinds, hair, clothes, a
+# One-click stories in the tiny model's grammar (`storydiffusion.world.render`): kinds, hair, clothes, a
 # pose and a scene. The first is the `storydiffusion demo` story.
 EXAMPLES = [
     [DEMO_CHARACTERS, DEMO_FRAMES],
@@ -380,7 +380,7 @@ class StoryApp:
     def _video_pipeline(self) -> Any:
         """The transition pipeline, loaded on first use; call with `self._lock` held."""
         if self._video is None:
-            from .video.runner import load_transition_pipeline
+            from storydiffusion.app.video_runner import load_transition_pipeline
 
             self._video = load_transition_pipeline(self.video_model, self.options.device)
             self._video.set_progress_bar_config(disable=True)
@@ -396,7 +396,7 @@ class StoryApp:
         self, session: Mapping[str, Any] | None, start: int, end: int, settings: Any, fps: float = 8.0
     ) -> Path:
         """A transition between panels `start` and `end` (1-based) of this session's last run, as MP4."""
-        from .video.runner import run_transition, story_panels
+        from storydiffusion.app.video_runner import run_transition, story_panels
 
         out = self._last_run(session)
         panels = story_panels(out)
@@ -410,7 +410,7 @@ class StoryApp:
 
     def story_video(self, session: Mapping[str, Any] | None, settings: Any, fps: float = 8.0) -> Path:
         """Every pair of consecutive panels of this session's last run chained into one MP4."""
-        from .video.runner import run_story_video
+        from storydiffusion.app.video_runner import run_story_video
 
         out = self._last_run(session)
         with self._lock:
@@ -418,19 +418,28 @@ class StoryApp:
         return path
 
     def on_video(
-        self, session: Mapping[str, Any] | None, whole_story: bool, start: float, end: float, frames: float,
-        steps: float, seed: float, motion: str,
+        self,
+        session: Mapping[str, Any] | None,
+        whole_story: bool,
+        start: float,
+        end: float,
+        frames: float,
+        steps: float,
+        seed: float,
+        motion: str,
     ) -> tuple[str, Any]:
         """Animate: (message, video file) for a transition or the whole story; mistakes become messages."""
-        from .video.runner import TransitionSettings
+        from storydiffusion.app.video_runner import TransitionSettings
 
         try:
             settings = TransitionSettings(
                 num_frames=int(frames), steps=int(steps), seed=int(seed), motion=motion, guidance=1.0
             )
             started = time.perf_counter()
-            path = self.story_video(session, settings) if whole_story else self.transition_video(
-                session, int(start), int(end), settings
+            path = (
+                self.story_video(session, settings)
+                if whole_story
+                else self.transition_video(session, int(start), int(end), settings)
             )
             return _message(f"Wrote {path.name} in {time.perf_counter() - started:.1f} s."), str(path)
         except StoryDiffusionError as error:

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .clip_score import ClipScorer
-from .world_classifier import AttributeClassifier, agreement, load_default_classifier, pil_to_tensor
-from .world_video import held_out_clips, trajectory_error
+from storydiffusion.clip_score import ClipScorer
+from storydiffusion.world.classifier import AttributeClassifier, agreement, load_default_classifier, pil_to_tensor
+from storydiffusion.world.models import TINY_CLIP_DIR
+from storydiffusion.world.video import held_out_clips, trajectory_error
 
 ARMS = ("smp", "linear_embedding", "latent_interpolation")
 METRICS = ("trajectory_error", "identity_agreement", "lpips_first", "lpips_frames", "clipsim_first", "clipsim_frames")
@@ -101,7 +102,7 @@ def evaluate_video(
 ) -> dict:
     """Generate every held-out transition in each arm and score it; returns the JSON-ready result."""
     classifier = classifier if classifier is not None else load_default_classifier()
-    scorer = scorer if scorer is not None else ClipScorer("tiny")
+    scorer = scorer if scorer is not None else ClipScorer(TINY_CLIP_DIR)
     clips = held_out_clips(settings.clips, settings.num_frames)
     rows: dict[str, list[dict[str, float]]] = {arm: [] for arm in (*ARMS, "ground_truth")}
     for index, clip in enumerate(progress(clips)):
@@ -110,9 +111,14 @@ def evaluate_video(
         for arm in ("smp", "linear_embedding"):
             generator = torch.Generator(device="cpu").manual_seed(settings.seed + index)
             made[arm] = pipe(
-                truth[0], truth[-1], clip.caption, num_frames=settings.num_frames,
-                num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                motion="smp" if arm == "smp" else "linear", generator=generator,
+                truth[0],
+                truth[-1],
+                clip.caption,
+                num_frames=settings.num_frames,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                motion="smp" if arm == "smp" else "linear",
+                generator=generator,
             ).frames[0]
         made["latent_interpolation"] = pipe.interpolate_latents(truth[0], truth[-1], settings.num_frames)
         made["ground_truth"] = truth

@@ -15,8 +15,8 @@ from typing import Annotated
 
 import typer
 
-from .errors import StoryDiffusionError
-from .examples import DEMO_CHARACTERS, DEMO_FRAMES, RANDOM_DEMO_CHARACTERS, RANDOM_DEMO_FRAMES
+from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.story.examples import DEMO_CHARACTERS, DEMO_FRAMES, RANDOM_DEMO_CHARACTERS, RANDOM_DEMO_FRAMES
 
 app = typer.Typer(
     add_completion=False,
@@ -24,6 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Consistent characters across story panels, laid out as comics.",
 )
+
 
 @app.callback()
 def _commands() -> None:
@@ -39,10 +40,10 @@ def demo(
 ) -> None:
     """Run a six-panel, two-character story offline on the CPU with the shipped tiny model and write
     the panels, the characters' identity banks, a comic page and its PDF to OUT."""
-    from .comic import ComicLayout
-    from .runner import TINY_RANDOM, RunOptions, default_model, run_story
-    from .story import Story, StorySettings
-    from .tiny import TINY, TINY_SIZE
+    from storydiffusion.app.runner import TINY_RANDOM, RunOptions, default_model, run_story
+    from storydiffusion.story.comic import ComicLayout
+    from storydiffusion.story.format import Story, StorySettings
+    from storydiffusion.world.models import TINY, TINY_SIZE
 
     model = model or default_model()
     if model not in (TINY, TINY_RANDOM):
@@ -99,9 +100,9 @@ def story_command(
     ] = None,
 ) -> None:
     """Generate a story's panels, its comic pages and PDF into OUT (resuming what OUT already holds)."""
-    from .comic import ComicLayout
-    from .runner import RunOptions, run_story
-    from .story import Story, StorySettings
+    from storydiffusion.app.runner import RunOptions, run_story
+    from storydiffusion.story.comic import ComicLayout
+    from storydiffusion.story.format import Story, StorySettings
 
     overrides = {
         "steps": steps,
@@ -118,7 +119,7 @@ def story_command(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if (story_file is None) == (characters is None and frames is None):
         raise StoryDiffusionError("give either a STORY file or --characters and --frames, not both or neither")
-    from .bank import IdentityBank
+    from storydiffusion.csa.bank import IdentityBank
 
     banked = [IdentityBank.character_in(path) for path in bank or ()]  # they need no reference frames
     if story_file is not None:
@@ -176,8 +177,9 @@ def eval_command(
     csa_shared_noise) and within strips; the last line printed is the JSON result."""
     import json
 
-    from .attention import CSAConfig
-    from .world_eval import EvalSettings, run_eval
+    from storydiffusion.app.evaluate import run_eval
+    from storydiffusion.csa.attention import CSAConfig
+    from storydiffusion.world.eval import EvalSettings
 
     try:
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
@@ -217,15 +219,14 @@ def ui_command(
 ) -> None:
     """Serve the web UI (Gradio): write a story, generate its panels, comic pages, PDF and banks, animate it."""
     try:
-        from .ui import serve
+        from storydiffusion.app.ui import serve
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] != "gradio":
             raise
         raise StoryDiffusionError("the web UI needs gradio: pip install 'storydiffusion[ui]'") from None
-    from .runner import default_model
+    from storydiffusion.app.runner import default_model
 
     serve(model or default_model(), host=host, port=port, video_model=video_model)
-
 
 
 @app.command("video")
@@ -254,7 +255,12 @@ def video_command(
     panels of a story run (--story OUT_DIR), and write an MP4 or GIF."""
     from tqdm.auto import tqdm
 
-    from .video.runner import TransitionSettings, load_transition_pipeline, run_story_video, run_transition
+    from storydiffusion.app.video_runner import (
+        TransitionSettings,
+        load_transition_pipeline,
+        run_story_video,
+        run_transition,
+    )
 
     if (story is None) == (start is None or end is None):
         raise typer.BadParameter("give either START and END images, or --story OUT_DIR (not both)")
@@ -298,10 +304,11 @@ def eval_video_command(
     identity agreement, LPIPS-style and CLIPSIM first/frames; the last line printed is the JSON result."""
     import json
 
-    from .clip_score import ClipScorer
-    from .video.runner import load_transition_pipeline
-    from .video_eval import VideoEvalSettings, evaluate_video, write_result
-    from .world_classifier import load_default_classifier
+    from storydiffusion.app.video_runner import load_transition_pipeline
+    from storydiffusion.clip_score import ClipScorer
+    from storydiffusion.world.classifier import load_default_classifier
+    from storydiffusion.world.models import resolve_clip
+    from storydiffusion.world.video_eval import VideoEvalSettings, evaluate_video, write_result
 
     if quick:
         clips, steps = min(clips, 8), min(steps, 10)
@@ -310,12 +317,17 @@ def eval_video_command(
     pipe.set_progress_bar_config(disable=True)
     settings = VideoEvalSettings(clips=clips, num_frames=frames, steps=steps, guidance=guidance, seed=seed)
     result = evaluate_video(
-        pipe, settings, load_default_classifier(pipe.device), ClipScorer(clip_model, pipe.device), images_dir=images
+        pipe,
+        settings,
+        load_default_classifier(pipe.device),
+        ClipScorer(resolve_clip(clip_model), pipe.device),
+        images_dir=images,
     )
     if json_path is not None:
         write_result(result, json_path)
     typer.echo(f"evaluated {result['clips']} transitions in {time.perf_counter() - started:.0f} s", err=True)
     typer.echo(json.dumps(result))
+
 
 def _read_text(path: Path) -> str:
     try:

@@ -33,7 +33,7 @@ A mapping with `frames` (required), `characters` and optional settings::
       - prompt: "[Bob] and [Ann] meet at the bus stop"   # or a mapping: prompt (no #caption) and
         caption: They meet.                              # an optional caption
       - "[NC] a rainy city street at night"
-    style: Comic book           # one of storydiffusion.styles.style_names() (case-insensitive)
+    style: Comic book           # one of storydiffusion.story.styles.style_names() (case-insensitive)
     seed: 7                     # integer >= 0
     steps: 30                   # denoising steps
     guidance: 5.0               # classifier-free guidance scale, >= 0
@@ -56,21 +56,18 @@ import difflib
 import json
 import math
 import re
-import reprlib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-from .errors import StoryDiffusionError
-from .styles import DEFAULT_STYLE, apply_style, get_style
+from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.pipelines.frames import NO_CHARACTER, Frame, FrameSyntaxError, parse_frame_body
+from storydiffusion.pipelines.frames import show as _show
+from storydiffusion.story.styles import DEFAULT_STYLE, apply_style, get_style
 
-if TYPE_CHECKING:
-    from .pipeline import Frame
-
-NO_CHARACTER = "NC"  # the frame tag for a panel without character
 COMMENT_PREFIX = "//"  # text-box lines starting with this are ignored
 STORY_SUFFIXES = (".yaml", ".yml", ".json")
 SETTING_KEYS = (
@@ -82,15 +79,6 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _CHARACTER_LINE = re.compile(r"\[([^\[\]]*)\](.*)", re.DOTALL)
 _SIZE = re.compile(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*")
 _MAX_SEED = 2**64
-_short = reprlib.Repr()
-_short.maxstring = _short.maxother = 80
-_short.maxlist = _short.maxdict = 4
-_short.maxlevel = 2
-
-
-def _show(value: Any) -> str:
-    """A short repr of a user value, for error messages."""
-    return _short.repr(value)
 
 
 class StoryFormatError(StoryDiffusionError):
@@ -157,8 +145,6 @@ class Panel:
 
     def to_frame(self) -> Frame:
         """The unstyled pipeline frame (`Story.to_frames` applies the story's style)."""
-        from .pipeline import Frame
-
         return Frame(prompt=self.prompt, characters=self.characters)
 
 
@@ -408,8 +394,6 @@ class Story:
 
     def to_frames(self) -> list[Frame]:
         """The pipeline frames, styled, each carrying its negative prompt."""
-        from .pipeline import Frame
-
         return [
             Frame(prompt=prompt, characters=panel.characters, negative_prompt=negative)
             for panel, (prompt, negative) in zip(self.panels, self.styled_prompts())
@@ -480,63 +464,15 @@ def _parse_characters_text(text: Any, where: _Where, line_of: Callable[[int], in
     return characters
 
 
-def _split_tags(text: str, where: _Where) -> list[tuple[bool, str]]:
-    """`text` as (is_tag, content) pieces; raises on an unclosed `[` or a stray `]`."""
-    pieces: list[tuple[bool, str]] = []
-    pos = 0
-    while True:
-        start, close = text.find("[", pos), text.find("]", pos)
-        if close != -1 and (start == -1 or close < start):
-            raise where.error(f"stray ']' in frame {_show(text)}; tags look like [Name]")
-        if start == -1:
-            pieces.append((False, text[pos:]))
-            return pieces
-        if close == -1 or "[" in text[start + 1 : close]:
-            raise where.error(f"unclosed '[' in frame {_show(text)}; tags look like [Name]")
-        pieces += [(False, text[pos:start]), (True, text[start + 1 : close])]
-        pos = close + 1
-
-
-def _tidy(text: str) -> str:
-    """Whitespace collapsed, and commas left dangling at the ends by a removed tag dropped."""
-    return " ".join(text.split()).strip(" ,")
-
-
-def _unknown_character(name: str, characters: Mapping[str, Character]) -> str:
-    if not characters:
-        return f"frame names unknown character [{name}]; no characters are defined: add `[{name}] description`"
-    known = ", ".join(f"[{n}]" for n in characters)
-    match = difflib.get_close_matches(name, [*characters, NO_CHARACTER], n=1)
-    hint = f" (did you mean [{match[0]}]?)" if match else ""
-    return f"frame names unknown character [{name}]{hint}; known: {known}"
-
-
 def _panel(
     index: int, text: str, body: str, caption: str | None, characters: Mapping[str, Character], where: _Where
 ) -> Panel:
     """A panel from the frame's prompt text `body` (tags, no #caption); caption None: made from the body."""
-    prompt, names_text, named = [], [], []
-    for is_tag, content in _split_tags(body, where):
-        if not is_tag:
-            prompt.append(content)
-            names_text.append(content)
-            continue
-        name = " ".join(content.split())
-        if not name:
-            raise where.error(f"empty tag [] in frame {_show(text)}; write [Name] or [NC]")
-        if name == NO_CHARACTER:
-            continue
-        if name not in characters:
-            raise where.error(_unknown_character(name, characters))
-        if name not in named:
-            named.append(name)
-        prompt.append(characters[name].description)
-        names_text.append(name)
-    prompt_text = _tidy("".join(prompt))
-    if not prompt_text:
-        raise where.error(f"frame {_show(text)} has no prompt text; describe the scene, e.g. '[NC] a city at night'")
-    caption = _tidy("".join(names_text)) if caption is None else " ".join(caption.split())
-    return Panel(index, text, prompt_text, tuple(named), caption, where.line, where.source)
+    try:
+        parsed = parse_frame_body(text, body, caption, {name: c.description for name, c in characters.items()})
+    except FrameSyntaxError as error:
+        raise where.error(str(error)) from None
+    return Panel(index, text, parsed.prompt, parsed.characters, parsed.caption, where.line, where.source)
 
 
 def _parse_frame_line(index: int, line: str, characters: Mapping[str, Character], where: _Where) -> Panel:
@@ -544,12 +480,6 @@ def _parse_frame_line(index: int, line: str, characters: Mapping[str, Character]
     if not sep:
         return _panel(index, line, line, None, characters, where)
     return _panel(index, line, body, caption, characters, where)
-
-
-def parse_frame_line(line: str, descriptions: Mapping[str, str], index: int = 0, source: str = "<frame>") -> Panel:
-    """One frame line (`[Name]` tags, `[NC]`, `#caption`) against name -> description."""
-    characters = {name: Character(name, text, None) for name, text in descriptions.items()}
-    return _parse_frame_line(index, line, characters, _Where(source))
 
 
 def _parse_frames_text(

@@ -20,13 +20,13 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .attention import CSAConfig
-from .bank import BankSettings, IdentityBank
-from .comic import ComicLayout, make_comic, save_comic
-from .errors import StoryDiffusionError
-from .files import write_atomically
-from .pipeline import FrameInfo, StoryPipeline, frame_seed
-from .story import Story
+from storydiffusion.csa.attention import CSAConfig
+from storydiffusion.csa.bank import BankSettings, IdentityBank
+from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.files import write_atomically
+from storydiffusion.pipelines.story_pipeline import FrameInfo, StoryPipeline, frame_seed
+from storydiffusion.story.comic import ComicLayout, make_comic, save_comic
+from storydiffusion.story.format import Story
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "storydiffusion.run"
@@ -37,7 +37,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 def default_model() -> str:
     """The shipped tiny model ("tiny"), or the random one when a checkout lacks its weights."""
-    from .tiny import TINY, tiny_model_available
+    from storydiffusion.world.models import TINY, tiny_model_available
 
     return TINY if tiny_model_available() else TINY_RANDOM
 
@@ -105,7 +105,7 @@ def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) 
     if options.cpu_offload and device == "cpu":  # checked before minutes of loading, not after
         raise StoryDiffusionError("--cpu-offload moves models between a GPU and the CPU; it needs --device cuda")
     if model == TINY_RANDOM:
-        from .tiny_random import tiny_sd_pipeline
+        from storydiffusion.pipelines.tiny_random import tiny_sd_pipeline
 
         pipe = tiny_sd_pipeline(seed=0)
         if dtype != torch.float32:
@@ -113,7 +113,7 @@ def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) 
     else:
         from diffusers import DiffusionPipeline
 
-        from .tiny import resolve_model
+        from storydiffusion.world.models import resolve_model
 
         try:
             pipe = DiffusionPipeline.from_pretrained(resolve_model(model), torch_dtype=dtype)

@@ -25,11 +25,12 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from tqdm.auto import tqdm
 
-from .attention import CSAConfig
-from .bank import STORAGE_DTYPES, BankSettings, IdentityBank
-from .controller import ConsistentAttention, select_layers
-from .errors import StoryDiffusionError
-from .prompts import encode_long_prompts, needs_chunking
+from storydiffusion.csa.attention import CSAConfig
+from storydiffusion.csa.bank import STORAGE_DTYPES, BankSettings, IdentityBank
+from storydiffusion.csa.controller import ConsistentAttention, select_layers
+from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.pipelines.frames import Frame, parse_frame
+from storydiffusion.pipelines.prompts import encode_long_prompts, needs_chunking
 
 # arguments StoryPipeline sets itself on every call of the wrapped pipeline
 _RESERVED_KWARGS = {
@@ -38,15 +39,6 @@ _RESERVED_KWARGS = {
     "guidance_scale", "output_type", "timesteps", "sigmas", "pooled_prompt_embeds",
     "negative_pooled_prompt_embeds",
 }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One panel: the prompt sent to the text encoder and the characters it shows."""
-
-    prompt: str
-    characters: tuple[str, ...] = ()
-    negative_prompt: str | None = None  # None: the call's negative prompt
 
 
 @dataclass(frozen=True)
@@ -66,14 +58,6 @@ class StoryPipelineOutput:
     images: list[Any]  # PIL images (or arrays / tensors, per output_type), in frame order
     frames: list[FrameInfo]
     banks: dict[str, IdentityBank] = field(default_factory=dict)
-
-
-def parse_frame(text: str, characters: Mapping[str, str]) -> Frame:
-    """A frame line of the story format: `[Name]` tags -> descriptions, `[NC]` -> no character,
-    text after the last `#` is a caption (dropped here)."""
-    from .story import parse_frame_line  # the story format owns the syntax
-
-    return parse_frame_line(text, characters).to_frame()
 
 
 def derived_seed(seed: int, *keys: int) -> int:

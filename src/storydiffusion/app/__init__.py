@@ -1,0 +1,1 @@
+"""The applications: the resumable story and video runners, the command line and the web UI."""

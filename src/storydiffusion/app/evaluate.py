@@ -1,0 +1,58 @@
+"""`storydiffusion eval`: load the model, the classifier and the CLIP, run the tiny world's evaluation
+(`storydiffusion.world.eval`) and optionally save every generated story as a strip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from storydiffusion.app.runner import RunOptions, load_story_pipeline
+from storydiffusion.world.eval import EvalSettings, EvalStory, default_stories, evaluate, load_eval_stories
+
+
+def run_eval(
+    model: str,
+    settings: EvalSettings,
+    stories: str | Path | None = None,
+    count: int = 24,
+    clip_model: str = "tiny",
+    device: str = "auto",
+    images_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """`storydiffusion eval`: load everything, run `evaluate`, optionally save every story as a strip."""
+    from tqdm.auto import tqdm
+
+    from storydiffusion.clip_score import ClipScorer
+    from storydiffusion.world.classifier import load_default_classifier
+    from storydiffusion.world.models import resolve_clip
+
+    eval_stories = load_eval_stories(stories) if stories is not None else default_stories(count)
+    # The story command's loader (device, dtype, `tiny`, clear errors); each arm wraps the pipe in its own CSA.
+    pipe = load_story_pipeline(model, RunOptions(device=device, progress=False), settings.csa).pipe
+    classifier = load_default_classifier(pipe.device)
+    clip = ClipScorer(resolve_clip(clip_model), pipe.device)
+
+    on_story = None
+    if images_dir is not None:
+        folder = Path(images_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        index = {id(s): i for i, s in enumerate(eval_stories)}
+
+        def on_story(arm: str, seed: int, story: EvalStory, images: list) -> None:
+            strip = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
+            x = 0
+            for image in images:
+                strip.paste(image, (x, 0))
+                x += image.width
+            strip.save(folder / f"story{index[id(story)]:02d}_seed{seed}_{arm}.png")
+
+    with tqdm(total=1, desc="story runs", unit="story") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        return evaluate(pipe, eval_stories, settings, classifier, clip, on_story=on_story, progress=progress)
