@@ -31,7 +31,13 @@ VAE_DIR = Path(__file__).resolve().parents[1] / "src" / "storydiffusion" / "asse
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="/tmp/world_latents")
+    p.add_argument("--out", default="/tmp/world_latents_idfree")
+    p.add_argument(
+        "--omit-probability",
+        type=float,
+        default=wt.IDENTITY_FREE,
+        help="chance a caption leaves out each identity attribute (1: kind, pose and scene only)",
+    )
     p.add_argument("--shards", type=int, default=400, help="shard indices 0 .. N-1")
     p.add_argument("--start", type=int, default=0, help="first shard index this process makes")
     p.add_argument("--step", type=int, default=1, help="make every N-th shard (for several processes)")
@@ -50,7 +56,9 @@ def main() -> None:
         if path.exists():
             continue
         t0 = time.time()
-        shard = wt.latent_shard(np.random.default_rng([args.seed, index]), vae, args.groups, args.extras)
+        shard = wt.latent_shard(
+            np.random.default_rng([args.seed, index]), vae, args.groups, args.extras, args.omit_probability
+        )
         write_atomically(path, partial(torch.save, shard))  # a reader never sees half a shard
         print(f"{path.name}: {time.time() - t0:.1f} s", flush=True)
 

@@ -38,9 +38,11 @@ import copy
 import json
 import random
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -50,6 +52,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from storydiffusion.files import write_atomically
@@ -70,7 +73,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (then raise --panels)")
-    p.add_argument("--data", default="/tmp/world_latents", help="folder of latent shards")
+    p.add_argument("--data", default="/tmp/world_latents_idfree", help="folder of latent shards (with part labels)")
+    p.add_argument(
+        "--part-weight", type=float, default=0.05, help="weight of the part-matching loss on the joint attention"
+    )
+    p.add_argument(
+        "--figure-weight", type=float, default=4.0, help="latent pixels on a figure weigh 1 + this in the loss"
+    )
+    p.add_argument(
+        "--clean-sibling",
+        type=float,
+        default=0.25,
+        help="share of group steps in which one panel per group is nearly clean (timestep < 100)",
+    )
+    p.add_argument("--signal-every", type=int, default=250, help="steps between held-out sibling-gain checks")
     p.add_argument("--clip", default=str(ASSETS / "clip"), help="the tiny CLIP folder (its text encoder is used)")
     p.add_argument("--vae", default=str(ASSETS / "vae"))
     p.add_argument("--log-every", type=int, default=25)
@@ -92,6 +108,13 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return wt.warmup_cosine(step, args.lr, args.warmup, args.steps)
 
 
+@dataclass
+class Batch:
+    latents: torch.Tensor  # (B, 4, 16, 16), group-major
+    captions: list[str]
+    parts: dict[int, torch.Tensor]  # tokens per panel -> (B, N) part labels (-1 none)
+
+
 class ShardPool:
     """Every latent shard in a folder, loaded as it appears; batches drawn from a seeded `random.Random`."""
 
@@ -99,16 +122,21 @@ class ShardPool:
         self.folder = Path(folder)
         self.rng = rng
         self.loaded: set[str] = set()
-        self.groups: list[tuple[torch.Tensor, list[str]]] = []  # (4, 4, 16, 16), 4 captions
-        self.extras: list[tuple[torch.Tensor, str]] = []
+        # (latents (4, 4, 16, 16), captions, {grid: labels (4, g, g)}) per group; the same per extra panel
+        self.groups: list[tuple[torch.Tensor, list[str], dict[int, torch.Tensor]]] = []
+        self.extras: list[tuple[torch.Tensor, str, dict[int, torch.Tensor]]] = []
 
     def refresh(self) -> None:
         for path in sorted(self.folder.glob("shard_*.pt")):
             if path.name in self.loaded:
                 continue
             shard = torch.load(path, weights_only=False)
-            self.groups += list(zip(shard["group_latents"], shard["group_captions"]))
-            self.extras += list(zip(shard["extra_latents"], shard["extra_captions"]))
+            if f"group_parts_{wt.PART_GRIDS[0]}" not in shard:
+                raise SystemExit(f"{path}: no part labels; render shards with scripts/render_world_latents.py")
+            for i, (latents, captions) in enumerate(zip(shard["group_latents"], shard["group_captions"])):
+                self.groups.append((latents, captions, {g: shard[f"group_parts_{g}"][i] for g in wt.PART_GRIDS}))
+            for i, (latent, caption) in enumerate(zip(shard["extra_latents"], shard["extra_captions"])):
+                self.extras.append((latent, caption, {g: shard[f"extra_parts_{g}"][i] for g in wt.PART_GRIDS}))
             self.loaded.add(path.name)
 
     def wait_for_data(self) -> None:
@@ -119,26 +147,41 @@ class ShardPool:
             print(f"waiting for latent shards in {self.folder} ...", flush=True)
             time.sleep(10)
 
-    def batch(self, panels: int, per_group: int) -> tuple[torch.Tensor, list[str]]:
-        """(panels // per_group * per_group, 4, 16, 16) latents, group-major, and their captions."""
-        latents, captions = [], []
+    def batch(self, panels: int, per_group: int) -> Batch:
+        """panels // per_group * per_group panels, group-major, with their captions and part labels."""
+        picked: list[tuple[torch.Tensor, str, dict[int, torch.Tensor]]] = []
         if per_group == 1:
             for _ in range(panels):
                 if self.extras and self.rng.random() < 0.25:
-                    latent, caption = self.rng.choice(self.extras)
+                    picked.append(self.rng.choice(self.extras))
                 else:
-                    group, group_captions = self.rng.choice(self.groups)
-                    i = self.rng.randrange(len(group_captions))
-                    latent, caption = group[i], group_captions[i]
-                latents.append(latent)
-                captions.append(caption)
+                    latents, captions, parts = self.rng.choice(self.groups)
+                    i = self.rng.randrange(len(captions))
+                    picked.append((latents[i], captions[i], {g: p[i] for g, p in parts.items()}))
         else:
             for _ in range(panels // per_group):
-                group, group_captions = self.rng.choice(self.groups)
-                for i in self.rng.sample(range(len(group_captions)), per_group):
-                    latents.append(group[i])
-                    captions.append(group_captions[i])
-        return torch.stack(latents).float(), captions
+                latents, captions, parts = self.rng.choice(self.groups)
+                for i in self.rng.sample(range(len(captions)), per_group):
+                    picked.append((latents[i], captions[i], {g: p[i] for g, p in parts.items()}))
+        return Batch(
+            latents=torch.stack([latent for latent, _, _ in picked]).float(),
+            captions=[caption for _, caption, _ in picked],
+            parts={g * g: torch.stack([p[g] for _, _, p in picked]).flatten(1).long() for g in wt.PART_GRIDS},
+        )
+
+
+def figure_weights(parts16: torch.Tensor, figure_weight: float) -> torch.Tensor:
+    """(B, 1, 16, 16) loss weights: 1 + figure_weight on latent pixels within one pixel of a labelled part."""
+    on_figure = (parts16.view(-1, 1, 16, 16) >= 0).float()
+    return 1.0 + figure_weight * F.max_pool2d(on_figure, 3, stride=1, padding=1)
+
+
+def group_timesteps(num_groups: int, per_group: int, clean_sibling: bool, generator: torch.Generator) -> torch.Tensor:
+    """One timestep per group, repeated per panel; with `clean_sibling` each group's first panel gets t < 100."""
+    timesteps = torch.randint(0, 1000, (num_groups,), generator=generator).repeat_interleave(per_group)
+    if clean_sibling and per_group > 1:
+        timesteps[::per_group] = torch.randint(0, 100, (num_groups,), generator=generator)
+    return timesteps
 
 
 @torch.no_grad()
@@ -185,6 +228,39 @@ def load_as_float32(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+class SiblingSignal:
+    """What the joint attention gives while training: the same held-out groups at fixed noise and timesteps,
+    denoised with the other panels visible (rate 1) and alone; the v-MSE on the figures' own latent pixels
+    of both and their relative difference (`gain` > 0: the siblings help)."""
+
+    TIMESTEPS = (200, 400, 600, 800)
+
+    def __init__(self, vae: AutoencoderKL, tokenizer, text_encoder, seed: int, groups: int = 16) -> None:
+        shard = wt.latent_shard(np.random.default_rng([seed, 1_000_003]), vae, groups, 0, wt.IDENTITY_FREE)
+        self.latents = shard["group_latents"].flatten(0, 1).float()  # (G*4, 4, 16, 16)
+        self.on_figure = (shard["group_parts_16"].flatten(0, 1) >= 0).float()[:, None]  # (G*4, 1, 16, 16)
+        self.text = encode_text(tokenizer, text_encoder, [c for group in shard["group_captions"] for c in group])
+        self.noise = torch.randn(self.latents.shape, generator=torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def measure(self, unet, joint, scheduler, device) -> dict[str, float]:
+        losses = {}
+        for panels in (wt.GROUP_SIZE, 1):
+            for processor in joint:
+                processor.panels, processor.rate, processor.part_labels = panels, 1.0, None
+            total = 0.0
+            for t in self.TIMESTEPS:
+                timesteps = torch.full((len(self.latents),), t, device=device)
+                latents, noise = self.latents.to(device), self.noise.to(device)
+                prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, self.text.to(device))
+                error = (prediction.sample - scheduler.get_velocity(latents, noise, timesteps)).pow(2).mean(1, True)
+                mask = self.on_figure.to(device)
+                total += ((error * mask).sum() / mask.sum()).item() / len(self.TIMESTEPS)
+            losses["joint" if panels > 1 else "alone"] = total
+        losses["gain"] = (losses["alone"] - losses["joint"]) / losses["alone"]
+        return {k: round(v, 4) for k, v in losses.items()}
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -217,35 +293,49 @@ def main() -> None:
     text_encoder.to(args.device)
     noise_scheduler = DDPMScheduler(**wt.TINY_NOISE_SCHEDULE)
     joint = wt.install_joint_attention(unet)
+    ema_joint = wt.install_joint_attention(ema)  # for the held-out signal; a fixed generator of its own
     for processor in joint:
         processor.generator = generator
+    for processor in ema_joint:
+        processor.generator = torch.Generator().manual_seed(args.seed)
     pool = ShardPool(args.data, rng)
     pool.wait_for_data()
+    signal = SiblingSignal(AutoencoderKL.from_pretrained(args.vae), tokenizer, text_encoder, args.seed)
 
     t0 = time.time() - elapsed
     unet.train()
-    running: dict[int, list[float]] = {}
+    running: dict[int | str, list[float]] = {}
     while step < args.steps:
         if step % 50 == 0:
             pool.refresh()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         per_group = 1 if rng.random() < args.single_share else rng.choice((2, 3, 4))
-        latents, captions = pool.batch(args.panels, per_group)  # (B, 4, 16, 16)
-        captions = ["" if rng.random() < args.caption_dropout else c for c in captions]
+        batch = pool.batch(args.panels, per_group)
+        captions = ["" if rng.random() < args.caption_dropout else c for c in batch.captions]
         text = encode_text(tokenizer, text_encoder, captions)
         num_groups = len(captions) // per_group
-        timesteps = torch.randint(0, 1000, (num_groups,), generator=generator).repeat_interleave(per_group)
-        noise = torch.randn(latents.shape, generator=generator)  # drawn on the CPU: the same run on any device
-        latents, timesteps, noise = latents.to(args.device), timesteps.to(args.device), noise.to(args.device)
+        clean_sibling = rng.random() < args.clean_sibling
+        timesteps = group_timesteps(num_groups, per_group, clean_sibling, generator)
+        noise = torch.randn(batch.latents.shape, generator=generator)  # drawn on the CPU: the same run on any device
+        latents, timesteps, noise = (t.to(args.device) for t in (batch.latents, timesteps, noise))
+        parts = {n: labels.to(args.device) for n, labels in batch.parts.items()}
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         rate = rng.choice((0.5, 0.75, 1.0))
         for processor in joint:
             processor.panels, processor.rate = per_group, rate
+            processor.part_labels, processor.part_losses = (parts if args.part_weight > 0 else None), []
         prediction = unet(noisy, timesteps, text).sample
         target = noise_scheduler.get_velocity(latents, noise, timesteps)  # v-prediction target
-        per_panel = F.mse_loss(prediction, target, reduction="none").mean((1, 2, 3))
+        weights = figure_weights(parts[256], args.figure_weight)  # (B, 1, 16, 16)
+        error = F.mse_loss(prediction, target, reduction="none").mean(1, keepdim=True)  # (B, 1, 16, 16)
+        per_panel = (weights * error).flatten(1).sum(1) / weights.flatten(1).sum(1)
         loss = (wt.min_snr_weights(noise_scheduler, timesteps) * per_panel).mean()
+        part_losses = [loss for processor in joint for loss in processor.part_losses]
+        if part_losses:
+            part_loss = torch.stack(part_losses).mean()
+            loss = loss + args.part_weight * part_loss
+            running.setdefault("part", []).append(part_loss.item())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
@@ -258,9 +348,12 @@ def main() -> None:
         running.setdefault(per_group, []).append(per_panel.mean().item())
         if step % args.log_every == 0:
             log = {"step": step, "lr": round(learning_rate(step - 1, args), 6), "s": round(time.time() - t0, 1)}
-            log["mse"] = {p: round(sum(v) / len(v), 4) for p, v in sorted(running.items())}
+            log["mse"] = {p: round(sum(v) / len(v), 4) for p, v in sorted(running.items(), key=str)}
             log["shards"] = len(pool.loaded)
             running.clear()
+            if step % args.signal_every == 0:
+                ema.train(False)
+                log["siblings"] = signal.measure(ema, ema_joint, noise_scheduler, args.device)
             print(json.dumps(log), flush=True)
         if step % args.ckpt_every == 0 or step == args.steps:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -275,6 +368,7 @@ def main() -> None:
             }
             write_atomically(checkpoint, partial(torch.save, state))  # never half-written
     print(json.dumps({"steps": step, "wall_s": round(time.time() - t0), "threads": args.threads}))
+    ema.set_attn_processor(AttnProcessor2_0())  # the joint-attention processors are training machinery
     print(f"exported to {export(ema, args)}")
 
 

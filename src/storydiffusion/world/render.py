@@ -429,9 +429,16 @@ def _disc(draw: ImageDraw.ImageDraw, centre: Point, radius: float, fill: RGB) ->
     draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=fill)
 
 
-def _limb(draw: ImageDraw.ImageDraw, points: Sequence[Point], width: float, fill: RGB, outline: float) -> None:
+def _limb(
+    draw: ImageDraw.ImageDraw,
+    points: Sequence[Point],
+    width: float,
+    fill: RGB,
+    outline: float,
+    outline_colour: RGB = OUTLINE_RGB,
+) -> None:
     """A thick polyline with round joints and a dark outline (outline pass first, then the fill)."""
-    for colour, w in ((OUTLINE_RGB, width + 2 * outline), (fill, width)):
+    for colour, w in ((outline_colour, width + 2 * outline), (fill, width)):
         draw.line(list(points), fill=colour, width=max(1, round(w)))
         for p in points:
             _disc(draw, p, w / 2, colour)
@@ -474,39 +481,80 @@ def _skirt_polygon(sk: Skeleton) -> list[Point]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _hair_back(draw: ImageDraw.ImageDraw, sk: Skeleton, identity: Identity, outline: float) -> None:
+@dataclass(frozen=True)
+class FigurePalette:
+    """The fill of each part of a drawn figure: its identity's colours (`for_identity`) or, for part maps,
+    one label value per part (`part_labels`)."""
+
+    hair: RGB
+    skin: RGB  # face
+    limb_skin: RGB  # hands, and legs under a skirt
+    shirt: RGB  # torso and sleeves
+    lower: RGB  # trousers or skirt
+    shoes: RGB
+    hat: RGB
+    cap: RGB
+    outline: RGB  # outlines, eyes, glasses
+
+    @classmethod
+    def for_identity(cls, identity: Identity) -> FigurePalette:
+        skin = SKIN_RGB[identity.skin_tone]
+        return cls(
+            hair=COLOURS[identity.hair_colour],
+            skin=skin,
+            limb_skin=skin,
+            shirt=COLOURS[identity.shirt_colour],
+            lower=COLOURS[identity.trousers_colour],
+            shoes=SHOE_RGB,
+            hat=HAT_RGB,
+            cap=CAP_RGB,
+            outline=OUTLINE_RGB,
+        )
+
+    @classmethod
+    def part_labels(cls) -> FigurePalette:
+        """Each part drawn in the grey level of its index in `FIGURE_PARTS` (outlines 0: no part)."""
+        return cls(outline=(0, 0, 0), **{name: (i, i, i) for i, name in enumerate(FIGURE_PARTS) if i})
+
+
+# Part maps (`render_part_map`): value 0 is background or an outline, value i > 0 the part FIGURE_PARTS[i].
+PART_NAMES = ("hair", "skin", "limb_skin", "shirt", "lower", "shoes", "hat", "cap")
+FIGURE_PARTS = ("none", *PART_NAMES)
+
+
+def _hair_back(draw: ImageDraw.ImageDraw, sk: Skeleton, identity: Identity, outline: float, p: FigurePalette) -> None:
     """Hair behind the head and body: long hair down to the shoulders, the ponytail."""
-    (cx, cy), r, colour = sk.head, sk.head_radius, COLOURS[identity.hair_colour]
+    (cx, cy), r, colour = sk.head, sk.head_radius, p.hair
     w = max(1, round(outline))
     if identity.hair_style == "long":
         draw.rounded_rectangle(
             (cx - 1.2 * r, cy - 0.6 * r, cx + 1.2 * r, cy + 2.0 * r),
             radius=0.5 * r,
             fill=colour,
-            outline=OUTLINE_RGB,
+            outline=p.outline,
             width=w,
         )
     elif identity.hair_style == "ponytail":
         tx, ty = cx - sk.facing * 1.15 * r, cy + 0.35 * r
         draw.ellipse(
-            (tx - 0.45 * r, ty - 0.9 * r, tx + 0.45 * r, ty + 0.9 * r), fill=colour, outline=OUTLINE_RGB, width=w
+            (tx - 0.45 * r, ty - 0.9 * r, tx + 0.45 * r, ty + 0.9 * r), fill=colour, outline=p.outline, width=w
         )
 
 
-def _hair_front(draw: ImageDraw.ImageDraw, sk: Skeleton, identity: Identity, outline: float) -> None:
+def _hair_front(draw: ImageDraw.ImageDraw, sk: Skeleton, identity: Identity, outline: float, p: FigurePalette) -> None:
     """Hair on top of the head: a fringe cap (short/long/ponytail) or a ring of curls."""
-    (cx, cy), r, colour = sk.head, sk.head_radius, COLOURS[identity.hair_colour]
+    (cx, cy), r, colour = sk.head, sk.head_radius, p.hair
     w = max(1, round(outline))
     if identity.hair_style == "bald":
         return
     top = (cx - 1.1 * r, cy - 0.15 * r - 1.1 * r, cx + 1.1 * r, cy - 0.15 * r + 1.1 * r)
-    draw.chord(top, 180, 360, fill=colour, outline=OUTLINE_RGB, width=w)
+    draw.chord(top, 180, 360, fill=colour, outline=p.outline, width=w)
     if identity.hair_style == "curly":
         for degrees in (-20, 10, 45, 80, 115, 150, 170, 200):
             a = math.radians(degrees)
             x, y = cx + 1.0 * r * math.cos(a), cy - 0.15 * r - 1.0 * r * math.sin(a)
             draw.ellipse(
-                (x - 0.42 * r, y - 0.42 * r, x + 0.42 * r, y + 0.42 * r), fill=colour, outline=OUTLINE_RGB, width=w
+                (x - 0.42 * r, y - 0.42 * r, x + 0.42 * r, y + 0.42 * r), fill=colour, outline=p.outline, width=w
             )
 
 
@@ -516,61 +564,65 @@ def _eye_centres(sk: Skeleton) -> tuple[Point, Point]:
     return (x - 0.38 * r, cy + 0.15 * r), (x + 0.38 * r, cy + 0.15 * r)
 
 
-def _face_and_accessory(draw: ImageDraw.ImageDraw, sk: Skeleton, identity: Identity, outline: float) -> None:
+def _face_and_accessory(
+    draw: ImageDraw.ImageDraw, sk: Skeleton, identity: Identity, outline: float, p: FigurePalette
+) -> None:
     (cx, cy), r = sk.head, sk.head_radius
     w = max(1, round(outline))
     eyes = _eye_centres(sk)
     for eye in eyes:
-        _disc(draw, eye, 0.12 * r, OUTLINE_RGB)
+        _disc(draw, eye, 0.12 * r, p.outline)
     if identity.accessory == "glasses":
         lens, frame = 0.3 * r, max(1, round(0.14 * r))
         for ex, ey in eyes:
-            draw.ellipse((ex - lens, ey - lens, ex + lens, ey + lens), outline=OUTLINE_RGB, width=frame)
-        draw.line([(eyes[0][0] + lens, eyes[0][1]), (eyes[1][0] - lens, eyes[1][1])], fill=OUTLINE_RGB, width=frame)
+            draw.ellipse((ex - lens, ey - lens, ex + lens, ey + lens), outline=p.outline, width=frame)
+        draw.line([(eyes[0][0] + lens, eyes[0][1]), (eyes[1][0] - lens, eyes[1][1])], fill=p.outline, width=frame)
     elif identity.accessory == "hat":
         brim_y = cy - 0.55 * r
-        draw.rectangle(
-            (cx - 0.75 * r, brim_y - 1.0 * r, cx + 0.75 * r, brim_y), fill=HAT_RGB, outline=OUTLINE_RGB, width=w
-        )
+        draw.rectangle((cx - 0.75 * r, brim_y - 1.0 * r, cx + 0.75 * r, brim_y), fill=p.hat, outline=p.outline, width=w)
         draw.rounded_rectangle(
             (cx - 1.5 * r, brim_y - 0.2 * r, cx + 1.5 * r, brim_y + 0.2 * r),
             radius=0.2 * r,
-            fill=HAT_RGB,
-            outline=OUTLINE_RGB,
+            fill=p.hat,
+            outline=p.outline,
             width=w,
         )
     elif identity.accessory == "cap":
         dome = (cx - 1.02 * r, cy - 0.42 * r - 1.02 * r, cx + 1.02 * r, cy - 0.42 * r + 1.02 * r)
-        draw.chord(dome, 180, 360, fill=CAP_RGB, outline=OUTLINE_RGB, width=w)
+        draw.chord(dome, 180, 360, fill=p.cap, outline=p.outline, width=w)
         vx0, vx1 = sorted((cx, cx + sk.facing * 1.75 * r))
-        draw.ellipse((vx0, cy - 0.62 * r, vx1, cy - 0.3 * r), fill=CAP_RGB, outline=OUTLINE_RGB, width=w)
+        draw.ellipse((vx0, cy - 0.62 * r, vx1, cy - 0.3 * r), fill=p.cap, outline=p.outline, width=w)
 
 
-def draw_figure(draw: ImageDraw.ImageDraw, figure: Figure, canvas_size: float) -> None:
-    """Draw one figure, back to front: hair behind, legs, skirt, torso, arms, head, hair, face, hat."""
+def draw_figure(
+    draw: ImageDraw.ImageDraw, figure: Figure, canvas_size: float, palette: FigurePalette | None = None
+) -> None:
+    """Draw one figure, back to front: hair behind, legs, skirt, torso, arms, head, hair, face, hat.
+
+    `palette` None draws the identity's colours; `FigurePalette.part_labels()` draws a part map."""
     identity, body = figure.identity, BODY_SHAPES[figure.identity.kind]
+    p = palette if palette is not None else FigurePalette.for_identity(identity)
     sk = skeleton(figure, canvas_size)
     outline = max(1.0, 0.012 * sk.unit)
-    skin, shirt = SKIN_RGB[identity.skin_tone], COLOURS[identity.shirt_colour]
-    lower = COLOURS[identity.trousers_colour]
+    w = max(1, round(outline))
 
-    _hair_back(draw, sk, identity, outline)
+    _hair_back(draw, sk, identity, outline, p)
     for chain in reversed(sk.legs):  # far leg first
-        _limb(draw, chain, sk.leg_width, skin if body.skirt else lower, outline)
+        _limb(draw, chain, sk.leg_width, p.limb_skin if body.skirt else p.lower, outline, p.outline)
         foot = chain[2]
         toe = (foot[0] + sk.facing * 0.45 * sk.leg_width, foot[1])
-        _limb(draw, (foot, toe), 0.75 * sk.leg_width, SHOE_RGB, 0)
+        _limb(draw, (foot, toe), 0.75 * sk.leg_width, p.shoes, 0, p.outline)
     if body.skirt:
-        draw.polygon(_skirt_polygon(sk), fill=lower, outline=OUTLINE_RGB, width=max(1, round(outline)))
+        draw.polygon(_skirt_polygon(sk), fill=p.lower, outline=p.outline, width=w)
     torso = [sk.shoulders[0], sk.shoulders[1], sk.hips[1], sk.hips[0]]
-    draw.polygon(torso, fill=shirt, outline=OUTLINE_RGB, width=max(1, round(outline)))
+    draw.polygon(torso, fill=p.shirt, outline=p.outline, width=w)
     for chain in reversed(sk.arms):
-        _limb(draw, chain, sk.arm_width, shirt, outline)
-        _disc(draw, chain[2], 0.6 * sk.arm_width, skin)
+        _limb(draw, chain, sk.arm_width, p.shirt, outline, p.outline)
+        _disc(draw, chain[2], 0.6 * sk.arm_width, p.limb_skin)
     (cx, cy), r = sk.head, sk.head_radius
-    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=skin, outline=OUTLINE_RGB, width=max(1, round(outline)))
-    _hair_front(draw, sk, identity, outline)
-    _face_and_accessory(draw, sk, identity, outline)
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=p.skin, outline=p.outline, width=w)
+    _hair_front(draw, sk, identity, outline, p)
+    _face_and_accessory(draw, sk, identity, outline, p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,6 +770,18 @@ def render_panel(panel: Panel, size: int = 64, supersample: int = 4) -> Image.Im
     for figure in sorted(panel.figures, key=lambda f: f.placement.y):  # further back (higher up) first
         draw_figure(draw, figure, float(canvas))
     return image.resize((size, size), Image.Resampling.LANCZOS) if supersample > 1 else image
+
+
+def render_part_map(panel: Panel, size: int = 256) -> np.ndarray:
+    """(size, size) uint8 map of which figure part each pixel shows (index into `FIGURE_PARTS`; 0 = none),
+    drawn with the same geometry as `render_panel` (no anti-aliasing: render large and pool)."""
+    _check_size(size, 1)
+    image = Image.new("RGB", (size, size))
+    draw = ImageDraw.Draw(image)
+    labels = FigurePalette.part_labels()
+    for figure in sorted(panel.figures, key=lambda f: f.placement.y):
+        draw_figure(draw, figure, float(size), labels)
+    return np.asarray(image)[..., 0].copy()
 
 
 def strip_shape(num_panels: int, layout: str) -> tuple[int, int]:

@@ -29,7 +29,16 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
-from storydiffusion.csa.attention import consistent_attention, num_sampled_tokens, sample_token_indices
+from storydiffusion.csa.attention import (
+    borrow_from_others,
+    consistent_attention,
+    gather_tokens,
+    heads_first,
+    merge_guidance,
+    num_sampled_tokens,
+    sample_token_indices,
+    split_guidance,
+)
 from storydiffusion.world import render as world
 
 # The tiny VAE: downsampling factor 4 (two downsamples over three blocks), 4 latent channels, so a
@@ -361,20 +370,46 @@ def clip_loss(clip: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Te
 # ---------------------------------------------------------------------------------------------
 
 GROUP_SIZE = 4  # panels of one character per group (distinct poses and scenes); a step uses 1-4 of them
+# Latent token grids the part labels are pooled to: the tiny UNet's 16x16 and 8x8 attention levels.
+PART_GRIDS = (16, 8)
+PART_MAP_SIZE = 256  # part maps are drawn at the renderer's supersampled size, then pooled per token
+IDENTITY_FREE = 1.0  # omit_probability that leaves every identity attribute out of a caption
 
 
-def sample_group(rng: np.random.Generator, size: int = GROUP_SIZE) -> list[world.Panel]:
+def sample_group(rng: np.random.Generator, size: int = GROUP_SIZE, omit_probability: float = 0.5) -> list[world.Panel]:
     """`size` single-figure panels of one random character, each with its own pose, scene and caption
-    (each caption leaves out attributes independently, so a panel may have to take them from another)."""
+    (each caption leaves out attributes independently with `omit_probability`; `IDENTITY_FREE` says
+    only the kind, pose and scene)."""
     identity = world.Identity.random(rng)
     poses = rng.choice(world.POSES, size=size, replace=False)
     scenes = rng.choice(world.SCENES, size=size, replace=False)
-    return [world.sample_panel(rng, identity, 1, pose=str(p), scene=str(s)) for p, s in zip(poses, scenes)]
+    return [
+        world.sample_panel(rng, identity, 1, omit_probability, pose=str(p), scene=str(s)) for p, s in zip(poses, scenes)
+    ]
 
 
-def sample_extra_panel(rng: np.random.Generator) -> world.Panel:
+def sample_extra_panel(rng: np.random.Generator, omit_probability: float = 0.5) -> world.Panel:
     """A panel groups never show: a scene alone (a third of the time) or two characters."""
-    return world.sample_panel(rng, num_figures=0 if rng.random() < 1 / 3 else 2)
+    return world.sample_panel(rng, num_figures=0 if rng.random() < 1 / 3 else 2, omit_probability=omit_probability)
+
+
+def token_part_labels(part_map: np.ndarray, grid: int, min_share: float = 0.3) -> np.ndarray:
+    """(grid, grid) int8 label per latent token: the figure part (`world.FIGURE_PARTS` index) covering the
+    most of the token's pixels when it covers at least `min_share` of them, else -1 (background, edges)."""
+    size = part_map.shape[0]
+    if size % grid:
+        raise ValueError(f"a {size}x{size} part map does not split into a {grid}x{grid} grid")
+    cell = size // grid
+    blocks = part_map.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid, grid, cell * cell)
+    counts = np.stack([(blocks == i).sum(-1) for i in range(1, len(world.FIGURE_PARTS))], -1)  # (g, g, parts)
+    best, share = counts.argmax(-1) + 1, counts.max(-1) / (cell * cell)
+    return np.where(share >= min_share, best, -1).astype(np.int8)
+
+
+def panel_part_labels(panels: Sequence[world.Panel], grid: int) -> torch.Tensor:
+    """(B, grid, grid) int8 token part labels of the panels' figures (`token_part_labels`)."""
+    maps = [token_part_labels(world.render_part_map(p, PART_MAP_SIZE), grid) for p in panels]
+    return torch.from_numpy(np.stack(maps))
 
 
 @torch.no_grad()
@@ -387,19 +422,28 @@ def encode_latents(vae: AutoencoderKL, panels: Sequence[world.Panel], batch_size
     return torch.cat(out).half()
 
 
-def latent_shard(rng: np.random.Generator, vae: AutoencoderKL, groups: int, extras: int) -> dict:
+def latent_shard(
+    rng: np.random.Generator, vae: AutoencoderKL, groups: int, extras: int, omit_probability: float = 0.5
+) -> dict:
     """One shard of UNet training data: `groups` groups (G, 4, 4, 16, 16) with captions (G, 4), and
-    `extras` panels (E, 4, 16, 16) with captions (scenes alone and pairs of characters)."""
-    group_panels = [sample_group(rng) for _ in range(groups)]
-    extra_panels = [sample_extra_panel(rng) for _ in range(extras)]
+    `extras` panels (E, 4, 16, 16) with captions (scenes alone and pairs of characters); the figures'
+    token part labels per grid of `PART_GRIDS` (`parts_16`: (G, 4, 16, 16) and (E, 16, 16), ...)."""
+    group_panels = [sample_group(rng, omit_probability=omit_probability) for _ in range(groups)]
+    extra_panels = [sample_extra_panel(rng, omit_probability) for _ in range(extras)]
     flat = [p for group in group_panels for p in group]
     latents = encode_latents(vae, flat + extra_panels)
-    return {
+    shard = {
         "group_latents": latents[: len(flat)].view(groups, GROUP_SIZE, *latents.shape[1:]),
         "group_captions": [[p.caption for p in group] for group in group_panels],
         "extra_latents": latents[len(flat) :],
         "extra_captions": [p.caption for p in extra_panels],
+        "omit_probability": omit_probability,
     }
+    for grid in PART_GRIDS:
+        labels = panel_part_labels(flat + extra_panels, grid)
+        shard[f"group_parts_{grid}"] = labels[: len(flat)].view(groups, GROUP_SIZE, grid, grid)
+        shard[f"extra_parts_{grid}"] = labels[len(flat) :]
+    return shard
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +489,10 @@ class JointPanelAttnProcessor:
     math (`attention.consistent_attention`), with the batch laid out group-major, (G * P, N, C).
 
     `panels` = P (1 turns it into plain self-attention), `rate` and `generator` are set per step.
+    With `part_labels` set ({tokens per panel: (G * P, N) labels, -1 for none}) a layer of that size
+    computes its attention explicitly and appends to `part_losses` how far each labelled query's
+    head-mean attention over the other panels' tokens strays from tokens of the same figure part
+    (`part_matching_loss`): the supervision that teaches the group's panels to find each other.
     """
 
     def __init__(self, original) -> None:
@@ -452,6 +500,8 @@ class JointPanelAttnProcessor:
         self.panels = 1
         self.rate = 1.0
         self.generator: torch.Generator | None = None
+        self.part_labels: dict[int, torch.Tensor] | None = None
+        self.part_losses: list[torch.Tensor] = []
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if self.panels < 2 or encoder_hidden_states is not None:
@@ -459,7 +509,52 @@ class JointPanelAttnProcessor:
         num_tokens = hidden_states.shape[1]
         num_samples = max(1, num_sampled_tokens(num_tokens, self.rate))
         indices = sample_token_indices(self.panels, num_tokens, num_samples, self.generator)  # (P, k)
-        return consistent_attention(attn, hidden_states, indices.to(hidden_states.device), None)
+        indices = indices.to(hidden_states.device)
+        labels = self.part_labels.get(num_tokens) if self.part_labels else None
+        if labels is None:
+            return consistent_attention(attn, hidden_states, indices, None)
+        out, loss = attention_with_part_loss(attn, hidden_states, indices, labels)
+        if loss is not None:
+            self.part_losses.append(loss)
+        return out
+
+
+def attention_with_part_loss(
+    attn, tokens: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`consistent_attention` in mutual mode with the probabilities made explicit, and `part_matching_loss`
+    over them. tokens (G * P, N, C), indices (P, k), labels (G * P, N); returns (out, loss or None)."""
+    panels = indices.shape[0]
+    groups = tokens.shape[0] // panels
+    query, key, value = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
+    key_ext, value_ext = (
+        borrow_from_others(gather_tokens(split_guidance(t, groups), indices)) for t in (key, value)
+    )  # (G, P, E, C)
+    label_ext = borrow_from_others(gather_tokens(split_guidance(labels, groups)[..., None], indices))[..., 0]
+    key = merge_guidance(torch.cat([split_guidance(key, groups), key_ext], dim=2))  # (G*P, N + E, C)
+    value = merge_guidance(torch.cat([split_guidance(value, groups), value_ext], dim=2))
+    heads = attn.heads
+    q, k, v = heads_first(query, heads), heads_first(key, heads), heads_first(value, heads)  # (G*P, h, T, d)
+    probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (G*P, h, N, N + E)
+    out = (probs @ v).transpose(1, 2).flatten(2)  # (G*P, N, h*d)
+    out = attn.to_out[1](attn.to_out[0](out))
+    borrowed = probs[..., tokens.shape[1] :].mean(1)  # (G*P, N, E) head mean over the other panels' tokens
+    loss = part_matching_loss(borrowed, labels, merge_guidance(label_ext))
+    return out, loss
+
+
+def part_matching_loss(
+    borrowed: torch.Tensor, query_labels: torch.Tensor, key_labels: torch.Tensor
+) -> torch.Tensor | None:
+    """Mean over labelled queries of -log(share of their attention over borrowed keys that lands on keys of
+    the same part). borrowed (B, N, E) attention weights, query_labels (B, N), key_labels (B, E); queries
+    whose part no borrowed key shows are skipped; None when no query counts."""
+    same = (query_labels[:, :, None] == key_labels[:, None, :]) & (query_labels >= 0)[:, :, None]  # (B, N, E)
+    counted = same.any(-1)  # (B, N)
+    if not counted.any():
+        return None
+    share = (borrowed * same).sum(-1) / borrowed.sum(-1).clamp_min(1e-12)  # (B, N)
+    return -share[counted].clamp_min(1e-6).log().mean()
 
 
 def install_joint_attention(unet: UNet2DConditionModel) -> list[JointPanelAttnProcessor]:

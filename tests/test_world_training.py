@@ -1,0 +1,105 @@
+"""The tiny UNet's training pieces: identity-free captions, part maps, token part labels and the
+part-matching loss on the joint attention."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention
+
+from storydiffusion.csa.attention import consistent_attention
+from storydiffusion.world import render as world
+from storydiffusion.world import training as wt
+from storydiffusion.world.eval import parse_world_prompt
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _one_figure_panel(seed: int = 3) -> world.Panel:
+    return world.sample_panel(np.random.default_rng(seed), num_figures=1)
+
+
+def test_identity_free_group_captions_name_only_kind_pose_and_scene():
+    group = wt.sample_group(np.random.default_rng(0), omit_probability=wt.IDENTITY_FREE)
+    identity = group[0].figures[0].identity
+    for panel in group:
+        assert panel.figures[0].identity == identity
+        said = parse_world_prompt(panel.caption)
+        assert said.attributes == {"kind": identity.kind}, panel.caption
+        assert (said.pose, said.scene) == (panel.figures[0].pose, panel.scene.kind)
+
+
+def test_identity_free_captions_draw_the_same_pixels():
+    """The caption grammar never changes what is drawn (same random draws whatever is said)."""
+    full = wt.sample_group(np.random.default_rng(5), omit_probability=0.0)
+    free = wt.sample_group(np.random.default_rng(5), omit_probability=wt.IDENTITY_FREE)
+    assert [p.figures for p in full] == [p.figures for p in free]
+    assert full[0].caption != free[0].caption
+
+
+def test_part_map_lies_on_the_drawn_parts():
+    """Where the part map says shirt / lower garment, the render (same size, no anti-aliasing) shows
+    the identity's colour; an empty scene has no parts."""
+    panel = _one_figure_panel()
+    identity = panel.figures[0].identity
+    parts = world.render_part_map(panel, 256)
+    image = np.asarray(world.render_panel(panel, 256, supersample=1)).astype(int)
+    for name, colour in (
+        ("shirt", world.COLOURS[identity.shirt_colour]),
+        ("lower", world.COLOURS[identity.trousers_colour]),
+    ):
+        mask = parts == world.FIGURE_PARTS.index(name)
+        assert mask.sum() > 100, name
+        assert (np.abs(image[mask] - np.array(colour)).sum(-1) == 0).mean() > 0.98, name
+    scene_only = world.sample_panel(np.random.default_rng(1), num_figures=0)
+    assert not world.render_part_map(scene_only, 256).any()
+
+
+def test_token_part_labels_take_the_majority_part_of_each_cell():
+    part_map = np.zeros((8, 8), dtype=np.uint8)
+    part_map[:4, :4] = 3  # cell (0, 0) all shirt
+    part_map[:3, 4:] = 1  # cell (0, 1): hair on 12 of 16 pixels
+    part_map[4:, 4:5] = 2  # cell (1, 1): 4 of 16 pixels, below min_share 0.3
+    labels = wt.token_part_labels(part_map, 2)
+    assert labels.tolist() == [[3, 1], [-1, -1]]
+    with pytest.raises(ValueError, match="does not split"):
+        wt.token_part_labels(part_map, 3)
+
+
+def test_part_matching_loss_is_small_when_attention_finds_the_same_part():
+    query_labels = torch.tensor([[1, 2, -1]])
+    key_labels = torch.tensor([[1, 2, 2, 3]])
+    matched = torch.tensor([[[0.97, 0.01, 0.01, 0.01], [0.0, 0.5, 0.49, 0.01], [0.25] * 4]])
+    uniform = torch.full((1, 3, 4), 0.25)
+    assert wt.part_matching_loss(matched, query_labels, key_labels) < 0.03
+    # uniform: -log(1/4) for the hair query, -log(2/4) for the skin one; the unlabelled query does not count
+    expected = -(np.log(0.25) + np.log(0.5)) / 2
+    assert wt.part_matching_loss(uniform, query_labels, key_labels).item() == pytest.approx(expected, rel=1e-5)
+    assert wt.part_matching_loss(uniform, torch.tensor([[4, 4, -1]]), key_labels) is None
+
+
+def test_supervised_joint_attention_computes_csa_itself():
+    """The explicit attention that exposes the probabilities gives the same output as CSA's fused one."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=2, dim_head=16).eval()
+    groups, panels, tokens = 2, 3, 16
+    hidden = torch.randn(groups * panels, tokens, 32)
+    indices = torch.stack([torch.randperm(tokens)[:6].sort().values for _ in range(panels)])
+    labels = torch.randint(-1, 4, (groups * panels, tokens))
+    with torch.no_grad():
+        out, loss = wt.attention_with_part_loss(attn, hidden, indices, labels)
+        reference = consistent_attention(attn, hidden, indices, None)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    assert loss is not None and loss.item() > 0
+
+
+def test_latent_shard_holds_part_labels_aligned_with_its_panels():
+    vae = wt.tiny_vae(0).eval()
+    shard = wt.latent_shard(np.random.default_rng(7), vae, groups=2, extras=2, omit_probability=wt.IDENTITY_FREE)
+    assert shard["group_latents"].shape == (2, wt.GROUP_SIZE, 4, 16, 16)
+    assert shard["group_parts_16"].shape == (2, wt.GROUP_SIZE, 16, 16)
+    assert shard["group_parts_8"].shape == (2, wt.GROUP_SIZE, 8, 8)
+    assert shard["extra_parts_16"].shape == (2, 16, 16)
+    # every one-figure panel of a group has a labelled figure, and the same panels drawn again agree
+    assert (shard["group_parts_16"] >= 0).flatten(2).any(-1).all()
+    again = wt.sample_group(np.random.default_rng(7), omit_probability=wt.IDENTITY_FREE)
+    assert torch.equal(shard["group_parts_16"][0], wt.panel_part_labels(again, 16))
