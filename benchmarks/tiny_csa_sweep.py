@@ -19,6 +19,7 @@ from diffusers import StableDiffusionPipeline
 
 from storydiffusion.clip_score import ClipScorer
 from storydiffusion.csa.attention import CSAConfig, CSASchedule
+from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.world.classifier import load_default_classifier
 from storydiffusion.world.eval import EvalSettings, default_stories, evaluate
 from storydiffusion.world.models import TINY_CLIP_DIR, TINY_DIR
@@ -44,7 +45,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    pipe = StableDiffusionPipeline.from_pretrained(str(TINY_DIR), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(TINY_DIR), **dtype_kwargs(torch.float32))
     pipe.set_progress_bar_config(disable=True)
     classifier, clip = load_default_classifier(), ClipScorer(TINY_CLIP_DIR)
     base = EvalSettings(steps=args.steps, guidance=args.guidance, seeds=seeds)

@@ -24,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from storydiffusion.files import write_atomically
+from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.world import training as wt
 
 VAE_DIR = Path(__file__).resolve().parents[1] / "src" / "storydiffusion" / "assets" / "tiny" / "vae"
@@ -48,7 +49,7 @@ def main() -> None:
     p.add_argument("--vae", default=str(VAE_DIR))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(args.vae, **dtype_kwargs(torch.float32)).eval()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for index in range(args.start, args.shards, args.step):

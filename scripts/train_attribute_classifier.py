@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from storydiffusion.files import write_atomically
+from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.world.classifier import (
     ATTRIBUTES,
     IGNORE_INDEX,
@@ -168,7 +169,7 @@ def main() -> None:
     if args.vae is not None:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32).eval()
+        vae = AutoencoderKL.from_pretrained(args.vae, **dtype_kwargs(torch.float32)).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     checkpoint = args.checkpoint_dir / "checkpoint.pt"
     step, elapsed = 0, 0.0

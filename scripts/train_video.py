@@ -46,6 +46,7 @@ from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
+from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.video.pipeline import TransitionPipeline
 from storydiffusion.video.training import FolderClips, TransitionTrainer, clip_batches, encode_clips
 from storydiffusion.world.models import TINY_VIDEO_DIR
@@ -106,9 +107,9 @@ class Progress:
 def load_pipeline(args: argparse.Namespace) -> TransitionPipeline:
     if args.resume_from_stage:
         folder = Path(args.out) / f"weights-{args.resume_from_stage}"
-        return TransitionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+        return TransitionPipeline.from_pretrained(folder, **dtype_kwargs(torch.float32))
     if args.init:
-        return TransitionPipeline.from_pretrained(args.init, torch_dtype=torch.float32)
+        return TransitionPipeline.from_pretrained(args.init, **dtype_kwargs(torch.float32))
     return fresh_tiny_transition_pipeline(
         text=not args.no_text, seed=args.seed, dropout=args.dropout, grid=args.grid, map_channels=args.map_channels
     )

@@ -33,6 +33,7 @@ import torch
 from transformers import CLIPModel
 
 from storydiffusion.files import write_atomically
+from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.pipelines.tiny_random import clip_tokenizer
 from storydiffusion.world import training as wt
 
@@ -148,7 +149,12 @@ def main() -> None:
     config = json.loads((out / "config.json").read_text())
     config["dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    fp16 = retrieval(CLIPModel.from_pretrained(out, torch_dtype=torch.float32), tokenizer, eval_images, eval_captions)
+    fp16 = retrieval(
+        CLIPModel.from_pretrained(out, **dtype_kwargs(torch.float32, "transformers")),
+        tokenizer,
+        eval_images,
+        eval_captions,
+    )
     summary = {
         "steps": step,
         "batch_size": args.batch_size,

@@ -56,6 +56,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from storydiffusion.files import write_atomically
+from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.world import training as wt
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "storydiffusion" / "assets" / "tiny"
@@ -196,7 +197,11 @@ def load_text_encoder(clip_dir: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
     if len(tokenizer) != 49408:
         raise RuntimeError(f"{clip_dir}: tokenizer loaded {len(tokenizer)} tokens, not 49408")
-    text_encoder = CLIPTextModel.from_pretrained(clip_dir, torch_dtype=torch.float32).eval().requires_grad_(False)
+    text_encoder = (
+        CLIPTextModel.from_pretrained(clip_dir, **dtype_kwargs(torch.float32, "transformers"))
+        .eval()
+        .requires_grad_(False)
+    )
     return tokenizer, text_encoder
 
 
@@ -267,7 +272,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     unet = wt.tiny_unet(args.seed)
     if args.init is not None:
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init, torch_dtype=torch.float32).state_dict())
+        unet.load_state_dict(
+            UNet2DConditionModel.from_pretrained(args.init, **dtype_kwargs(torch.float32)).state_dict()
+        )
     unet.to(args.device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)

@@ -44,6 +44,7 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
 from storydiffusion.files import write_atomically
+from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.world import training as wt
 
 CHECKPOINT = Path("/tmp/world_vae_ckpt/checkpoint.pt")
@@ -111,7 +112,7 @@ def main() -> None:
     if args.decoder_only and args.init is None:
         raise SystemExit("--decoder-only needs --init: the VAE whose latent space is kept")
     if args.init is not None:  # its config too: the latent scaling factor belongs to its latent space
-        vae = AutoencoderKL.from_pretrained(args.init, torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(args.init, **dtype_kwargs(torch.float32))
     else:
         vae = wt.tiny_vae(args.seed)
     if args.decoder_only:

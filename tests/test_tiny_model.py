@@ -12,6 +12,7 @@ from transformers import CLIPModel
 from storydiffusion.app import cli
 from storydiffusion.app.runner import default_model
 from storydiffusion.clip_score import ClipScorer
+from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.world import render as world
 from storydiffusion.world.models import TINY_CLIP_DIR, TINY_DIR, TINY_VIDEO_DIR, resolve_model
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = StableDiffusionPipeline.from_pretrained(str(TINY_DIR), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(TINY_DIR), **dtype_kwargs(torch.float32))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -2,7 +2,7 @@
 the app served on loopback, the story typed into its boxes, Generate clicked, the gallery filled with
 the panels, the PDF downloaded, a screenshot taken; and two browser sessions at once.
 
-Needs the Debian packages `chromium` and `chromium-driver` (`.ci/run` installs them); without them
+Needs the Debian packages `chromium` and `chromium-driver` (`scripts/test.sh` installs them); without them
 these tests fail, saying so, rather than being skipped.
 """
 
@@ -46,7 +46,7 @@ def require_browser() -> None:
         pytest.fail(
             f"the browser tests need Chromium and its driver; missing {', '.join(missing)}. Install them with "
             "`apt-get update && apt-get install -y --no-install-recommends chromium chromium-driver` "
-            "(`.ci/run` does this), and `pip install -e '.[test]'` for selenium.",
+            "(`bash scripts/test.sh` does this), and `pip install -e '.[test]'` for selenium.",
             pytrace=False,
         )
 

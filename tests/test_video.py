@@ -255,7 +255,7 @@ def test_a_pipeline_refuses_a_unet_without_room_for_the_map(pipe, pooled_pipe):
 # ------------------------------------------------------------------ pipeline
 
 
-def test_pipeline_makes_frames_whose_ends_are_the_keyframes(pipe, walk):
+def test_pipeline_makes_frames_anchored_at_the_keyframes(pipe, walk):
     truth = walk.render()
     kwargs = dict(num_frames=4, num_inference_steps=2, output_type="np")
     out = pipe(truth[0], truth[-1], walk.caption, generator=torch.Generator().manual_seed(0), **kwargs)
@@ -263,12 +263,36 @@ def test_pipeline_makes_frames_whose_ends_are_the_keyframes(pipe, walk):
     frames = out.frames[0]
     assert frames.shape == (4, 64, 64, 3) and np.isfinite(frames).all()
     assert np.array_equal(frames, again.frames[0])
+    # the ends are the keyframes' own latents, put there after the denoising loop (so decoded, they are
+    # as close to the keyframes as the VAE makes them); nothing else is touched by that
     start, end = (np.asarray(image, dtype=np.float32) / 255 for image in (truth[0], truth[-1]))
     assert np.abs(frames[0] - start).mean() < 0.06 < np.abs(frames[0] - end).mean()
     assert np.abs(frames[-1] - end).mean() < 0.06 < np.abs(frames[-1] - start).mean()
+    latent = dict(kwargs, output_type="latent")
+    anchored = pipe(truth[0], truth[-1], walk.caption, generator=torch.Generator().manual_seed(0), **latent).frames
+    free = pipe(truth[0], truth[-1], walk.caption, generator=torch.Generator().manual_seed(0), anchor_keyframes=False,
+                **latent).frames  # fmt: skip
+    keyframes = pipe.encode_latents([truth[0], truth[-1]])
+    assert torch.equal(anchored[0, :, 0], keyframes[0]) and torch.equal(anchored[0, :, -1], keyframes[1])
+    assert torch.equal(anchored[:, :, 1:-1], free[:, :, 1:-1])
+    assert not torch.equal(anchored[:, :, 0], free[:, :, 0]) and not torch.equal(anchored[:, :, -1], free[:, :, -1])
     assert out.frame_embeds.shape == (1, 4, 16, 64)  # 4 x 4 cells of 64-d embeddings per frame
     pil = pipe(truth[0], truth[-1], walk.caption, num_frames=4, num_inference_steps=1, guidance_scale=2.0)
     assert len(pil.frames[0]) == 4 and pil.frames[0][0].size == (64, 64)
+
+
+def test_the_in_between_frames_depend_on_both_keyframes(pipe, walk):
+    truth, other = walk.render(), sample_clip(np.random.default_rng(5), 4, "jumping").render()
+
+    def middle(start, end):
+        generator = torch.Generator().manual_seed(0)  # the same initial noise for every pair of keyframes
+        kwargs = dict(num_frames=4, num_inference_steps=2, output_type="latent", anchor_keyframes=False)
+        return pipe(start, end, walk.caption, generator=generator, **kwargs).frames[:, :, 1:-1]
+
+    base = middle(truth[0], truth[-1])
+    assert torch.equal(base, middle(truth[0], truth[-1]))
+    assert not torch.allclose(base, middle(other[0], truth[-1]), atol=1e-4)  # another start keyframe
+    assert not torch.allclose(base, middle(truth[0], other[-1]), atol=1e-4)  # another end keyframe
 
 
 def test_the_pooled_design_makes_frames_too(pooled_pipe, walk):
@@ -648,8 +672,8 @@ def test_eval_video_end_to_end_on_a_reduced_set(monkeypatch, capsys, tmp_path):
     metrics = {
         "trajectory_error",
         "identity_agreement",
-        "lpips_first",
-        "lpips_frames",
+        "feature_distance_first",
+        "feature_distance_frames",
         "clipsim_first",
         "clipsim_frames",
     }

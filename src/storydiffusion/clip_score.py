@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.pipelines.loading import dtype_kwargs
 
 
 class ClipScorer:
@@ -27,7 +28,8 @@ class ClipScorer:
 
         path = str(model)  # the tiny world's CLIP: storydiffusion.world.models.resolve_clip("tiny")
         try:
-            self.model = CLIPModel.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
+            self.model = CLIPModel.from_pretrained(path, **dtype_kwargs(torch.float32, "transformers"))
+            self.model = self.model.to(device).eval()
             self.processor = CLIPProcessor.from_pretrained(path)
         except (OSError, ValueError) as error:
             raise StoryDiffusionError(

@@ -86,6 +86,13 @@ def story_command(
     rate: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="CSA sampling rate.")] = None,
     style: Annotated[str | None, typer.Option(help="Style name, e.g. 'Comic book'.")] = None,
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt, added to the style's.")] = None,
+    same_initial_noise: Annotated[
+        bool | None,
+        typer.Option(
+            "--same-initial-noise/--own-initial-noise",
+            help="Every frame from the same initial noise (the public code's consistency prior; overrides the story).",
+        ),
+    ] = None,
     layout: Annotated[str, typer.Option(help="Comic layout: classic, grid or four.")] = "classic",
     rows: Annotated[int, typer.Option(min=1, help="Grid layout: rows per page.")] = 2,
     cols: Annotated[int, typer.Option(min=1, help="Grid layout: panels per row.")] = 2,
@@ -115,6 +122,7 @@ def story_command(
         "style": style,
         "negative_prompt": negative_prompt,
         "model": model,
+        "same_initial_noise": same_initial_noise,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if (story_file is None) == (characters is None and frames is None):
@@ -301,7 +309,8 @@ def eval_video_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
 ) -> None:
     """Score transitions in three arms (smp, linear_embedding, latent_interpolation): trajectory error,
-    identity agreement, LPIPS-style and CLIPSIM first/frames; the last line printed is the JSON result."""
+    identity agreement, feature distance (LPIPS's recipe on the world classifier's features) and CLIPSIM
+    first/frames; the last line printed is the JSON result."""
     import json
 
     from storydiffusion.app.video_runner import load_transition_pipeline

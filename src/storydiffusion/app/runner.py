@@ -24,8 +24,9 @@ from storydiffusion.csa.attention import CSAConfig
 from storydiffusion.csa.bank import BankSettings, IdentityBank
 from storydiffusion.errors import StoryDiffusionError
 from storydiffusion.files import write_atomically
-from storydiffusion.pipelines.story_pipeline import FrameInfo, StoryPipeline, frame_seed
-from storydiffusion.story.comic import ComicLayout, make_comic, save_comic
+from storydiffusion.pipelines.loading import dtype_kwargs
+from storydiffusion.pipelines.story_pipeline import FrameInfo, StoryPipeline
+from storydiffusion.story.comic import ComicLayout, check_captions, make_comic, save_comic
 from storydiffusion.story.format import Story
 
 MANIFEST = "manifest.json"
@@ -116,7 +117,7 @@ def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) 
         from storydiffusion.world.models import resolve_model
 
         try:
-            pipe = DiffusionPipeline.from_pretrained(resolve_model(model), torch_dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(resolve_model(model), **dtype_kwargs(dtype))
         except (OSError, ValueError) as error:
             hint = (
                 "" if Path(model).exists() else " (no such folder; a hub id needs the network and HF_HUB_OFFLINE unset)"
@@ -137,14 +138,26 @@ def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) 
 
 # -- the run -------------------------------------------------------------------------------------
 def run_settings(
-    story: Story, model: str, options: RunOptions, bank_files: Sequence[str | Path] = ()
+    story: Story,
+    model: str,
+    options: RunOptions,
+    bank_files: Sequence[str | Path] = (),
+    pipeline: StoryPipeline | None = None,
 ) -> dict[str, Any]:
-    """Everything that decides the panels' pixels; a resumed run must match it exactly."""
+    """Everything that decides the panels' pixels; a resumed run must match it exactly. Device and dtype
+    are recorded as resolved (`auto` means different things on different machines): those of `pipeline`
+    when one is given, else what `options` resolve to here."""
     s = story.settings
     rate = {str(k): v for k, v in s.rate.items()} if isinstance(s.rate, dict) else s.rate
+    if pipeline is not None:
+        device, dtype = pipeline.device.type, str(pipeline.pipe.unet.dtype).removeprefix("torch.")
+    else:
+        device = pick_device(options.device)
+        dtype = str(pick_dtype(options.dtype, device)).removeprefix("torch.")
     settings = {
         "model": model,
-        "dtype": options.dtype,
+        "device": device,
+        "dtype": dtype,
         "style": s.style,
         "seed": s.seed,
         "steps": s.steps,
@@ -154,6 +167,7 @@ def run_settings(
         "id_length": s.id_length,
         "rate": rate,
         "negative_prompt": s.negative_prompt,
+        "same_initial_noise": s.same_initial_noise,
         "bank_dtype": options.bank_dtype,
         "characters": story.character_descriptions(),
     }
@@ -278,23 +292,27 @@ def run_story(
     options = options or RunOptions()
     out = Path(out)
     model = story.settings.model or options.model
-    settings = run_settings(story, model, options, bank_files)
+    settings = run_settings(story, model, options, bank_files, pipeline)
+    s = story.settings
+    check_captions([panel.caption for panel in story.panels], options.layout)  # before minutes of drawing
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(out, settings, options.overwrite)
 
-    s = story.settings
     csa_config = CSAConfig(rate=s.rate)
     story_pipe = pipeline or load_story_pipeline(model, options, csa_config)
     frames = story.to_frames()
-    infos = [
-        FrameInfo(i, f.prompt, f.negative_prompt or "", frame_seed(s.seed, i), f.characters, "frame")
-        for i, f in enumerate(frames)
-    ]
+    infos = StoryPipeline.frame_infos(frames, seed=s.seed, same_initial_noise=s.same_initial_noise)
     skip = {info.index for info in infos if manifest.done(info, out)}
 
     # A saved bank is reused only when all of its character's reference panels are on disk, so a
     # resumed run draws exactly what an uninterrupted one would have.
-    bank_settings = story_pipe.bank_settings(s.steps, s.guidance, s.width, s.height, s.id_length)
+    bank_settings = story_pipe.bank_settings(
+        num_inference_steps=s.steps,
+        guidance_scale=s.guidance,
+        height=s.height,
+        width=s.width,
+        id_length=s.id_length,
+    )
     given = load_bank_files(bank_files, bank_settings)
     references = StoryPipeline.reference_frames(frames, s.id_length, exclude=set(given))
     banks: dict[str, IdentityBank] = dict(given)
@@ -334,6 +352,7 @@ def run_story(
             height=s.height,
             width=s.width,
             seed=s.seed,
+            same_initial_noise=s.same_initial_noise,
             banks=banks,
             skip_frames=skip,
             on_frame=on_frame,

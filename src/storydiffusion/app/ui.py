@@ -61,12 +61,12 @@ one rate per resolution level (`2: 0.5, 4: 0.5`). **Size**: `WxH` in multiples o
 model's own size.
 """
 
-# One-click stories in the tiny model's grammar (`storydiffusion.world.render`): kinds, hair, clothes, a
-# pose and a scene. The first is the `storydiffusion demo` story.
+# One-click stories in the tiny model's grammar (`storydiffusion.world.render`): a kind, a pose and a
+# scene; the look comes from the reference frames. The first is the `storydiffusion demo` story.
 EXAMPLES = [
     [DEMO_CHARACTERS, DEMO_FRAMES],
     [
-        "[Mia] a girl with curly red hair\n",
+        "[Mia] a woman\n",
         "[Mia], walking in the city #Mia goes out.\n"
         "[Mia], running on a beach #She runs by the sea.\n"
         "[Mia], sitting in a room #Home again.\n"

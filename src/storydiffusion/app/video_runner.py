@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from storydiffusion.app.runner import MANIFEST, pick_device, pick_dtype
 from storydiffusion.errors import StoryDiffusionError
 from storydiffusion.files import write_atomically
+from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.video.export import write_frames, write_video
 from storydiffusion.video.pipeline import TransitionPipeline
 from storydiffusion.world.models import resolve_video_model
@@ -46,7 +47,7 @@ def load_transition_pipeline(model: str = "tiny", device: str = "auto", dtype: s
     device = pick_device(device)
     path = resolve_video_model(model)
     try:
-        pipe = TransitionPipeline.from_pretrained(path, torch_dtype=pick_dtype(dtype, device))
+        pipe = TransitionPipeline.from_pretrained(path, **dtype_kwargs(pick_dtype(dtype, device)))
     except (OSError, ValueError) as error:
         raise StoryDiffusionError(
             f"cannot load video model {model!r}: {str(error).splitlines()[0]}; give 'tiny', a TransitionPipeline "

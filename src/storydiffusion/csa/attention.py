@@ -12,6 +12,8 @@ handed (`storydiffusion.csa.controller.ConsistentAttention`).
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
 
     from storydiffusion.csa.controller import ConsistentAttention
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,8 +85,18 @@ class CSAConfig:
     # Restrict to these resolution levels (downsampling factors); None keeps every matched level.
     levels: Sequence[int] | None = None
     schedule: CSASchedule = field(default_factory=CSASchedule)
+    # Frames naming several characters without regions: "infer" their subject masks from the cross-attention
+    # to each character's description tokens (`csa.subjects`) so each figure reads only its own bank;
+    # "off": every token reads every named character's bank (the public code's blend).
+    subject_masks: str = "infer"
+    mask_until: float = 0.3  # fraction of the loop during which the inferred masks are refreshed, then kept
+    mask_dilation: int = 1  # tokens the thresholded masks grow by
 
     def __post_init__(self) -> None:
+        if self.subject_masks not in ("infer", "off"):
+            raise StoryDiffusionError(f"CSAConfig.subject_masks={self.subject_masks!r} must be 'infer' or 'off'")
+        if not 0.0 <= self.mask_until <= 1.0:
+            raise StoryDiffusionError(f"CSAConfig.mask_until={self.mask_until} must be a fraction in [0, 1]")
         rates = self.rate.values() if isinstance(self.rate, Mapping) else [self.rate]
         for rate in rates:
             if not (isinstance(rate, int | float) and 0.0 <= rate <= 1.0):
@@ -162,19 +176,68 @@ def layer_level(name: str, num_down_blocks: int) -> int:
     raise StoryDiffusionError(f"cannot tell the resolution level of attention layer {name!r}")
 
 
-class ConsistentSelfAttnProcessor:
+# keyword arguments `Attention.forward` drops without a warning when a processor does not take them
+_QUIET_KWARGS = frozenset({"ip_adapter_masks", "ip_hidden_states"})
+
+
+def processor_parameters(processor: Any) -> frozenset[str]:
+    """The parameter names of `processor.__call__`: what `Attention.forward` lets through to it.
+
+    diffusers passes a processor only the `cross_attention_kwargs` its `__call__` names — even one
+    with `**kwargs` gets no others — so this set is the whole filter.
+    """
+    return frozenset(inspect.signature(processor.__call__).parameters)
+
+
+class WrappingProcessor:
+    """A processor that stands in for another and calls it, exactly as `Attention.forward` would call it,
+    whenever it has nothing of its own to do (sliced, LoRA'd, IP-Adapter or custom processors alike)."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self._original_parameters = processor_parameters(original)  # once: signatures cost per layer call
+
+    def call_original(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The replaced processor, called as `Attention.forward` calls one: hidden_states positional, the
+        encoder states and mask by keyword, then only the extra keywords its `__call__` names (`temb` only
+        when given: processors such as `SlicedAttnProcessor` take none)."""
+        if temb is not None:
+            kwargs["temb"] = temb
+        accepted = self._original_parameters
+        unused = [key for key in kwargs if key not in accepted and key not in _QUIET_KWARGS]
+        if unused:  # diffusers' own warning, which CSA's catch-all signature would otherwise hide
+            logger.warning(
+                f"cross_attention_kwargs {unused} are not expected by {type(self.original).__name__} "
+                "and will be ignored."
+            )
+        kwargs = {key: value for key, value in kwargs.items() if key in accepted}
+        return self.original(
+            attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+        )
+
+
+class ConsistentSelfAttnProcessor(WrappingProcessor):
     """Self-attention whose keys/values are extended with other images' tokens.
 
     Holds settings only (layer name, resolution level, rate) plus the processor it replaced, which
-    runs every call that is not CSA — so CSA off, or gated off, is exactly the original computation.
+    runs every call that is not CSA — called exactly as `Attention.forward` would call it, so CSA off,
+    or gated off, is exactly the original computation (sliced, LoRA'd, IP-Adapter or custom processors alike).
     """
 
     def __init__(self, name: str, level: int, rate: float, controller: ConsistentAttention, original: Any) -> None:
+        super().__init__(original)
         self.name = name
         self.level = level
         self.rate = rate
         self.controller = controller
-        self.original = original
 
     def __repr__(self) -> str:
         return f"ConsistentSelfAttnProcessor(name={self.name!r}, level={self.level}, rate={self.rate})"
@@ -189,7 +252,7 @@ class ConsistentSelfAttnProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or not self.controller.wants_csa(self.name):
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            return self.call_original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         if attention_mask is not None:
             raise StoryDiffusionError(
                 f"layer {self.name}: Consistent Self-Attention does not take a self-attention mask; "
@@ -207,7 +270,7 @@ class ConsistentSelfAttnProcessor:
 
         extension = self._extension(tokens)
         if extension is None:  # nothing to borrow at this call: the original computation
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            return self.call_original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         out = consistent_attention(attn, tokens, *extension)  # (batch, N, C)
 
         if hidden_states.ndim == 4:
@@ -216,8 +279,9 @@ class ConsistentSelfAttnProcessor:
             out = out + hidden_states
         return out / attn.rescale_output_factor
 
-    def _extension(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
-        """What this call borrows, as `consistent_attention`'s (indices, bank_tokens); None for nothing."""
+    def _extension(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, ...] | None:
+        """What this call borrows, as `consistent_attention`'s (indices, bank_tokens[, read_mask]); None for
+        nothing."""
         ctrl = self.controller
         halves = ctrl.guidance_halves(tokens.shape[0])
         per_half = split_guidance(tokens, halves)  # (halves, B, N, C)
@@ -235,18 +299,30 @@ class ConsistentSelfAttnProcessor:
         bank_tokens = ctrl.read(self.name, halves, tokens.dtype, tokens.device)  # (halves, M, C)
         if bank_tokens is None:
             return None
-        return None, bank_tokens
+        return None, bank_tokens, ctrl.read_mask(self.name, num_tokens, tokens.device)
+
+
+def bank_read_mask(query_owner: torch.Tensor, bank_owner: torch.Tensor) -> torch.Tensor:
+    """Which bank tokens each query may read: (B, N) query owners (the character index whose mask holds the
+    token, -1 for background) and (M,) bank token owners -> (B, N, M) bool, True where the owners agree."""
+    return (query_owner[:, :, None] == bank_owner[None, None, :]) & (query_owner[:, :, None] >= 0)
 
 
 def consistent_attention(
-    attn: Attention, tokens: torch.Tensor, indices: torch.Tensor | None, bank_tokens: torch.Tensor | None
+    attn: Attention,
+    tokens: torch.Tensor,
+    indices: torch.Tensor | None,
+    bank_tokens: torch.Tensor | None,
+    read_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CSA for one layer call: `tokens` (halves*B, N, C) -> (halves*B, N, C), before the output's reshape.
 
     Either `indices` (B, k) — mutual mode: image i also sees the tokens at `indices[j]` of every
     other image j in its guidance half — or `bank_tokens` (halves, M, C) — read mode: every image
-    also sees the bank's tokens of its guidance half. Keys and values are projected once per token,
-    then gathered, so borrowed tokens cost no extra projection.
+    also sees the bank's tokens of its guidance half; with `read_mask` (B, N, M) a query sees only the
+    bank tokens its row allows (`bank_read_mask`: each character's tokens from inside its own mask), and
+    always all of its own image's tokens. Keys and values are projected once per token, then gathered,
+    so borrowed tokens cost no extra projection.
     """
     query = attn.to_q(tokens)
     key = attn.to_k(tokens)
@@ -273,7 +349,13 @@ def consistent_attention(
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
+    mask = None
+    if read_mask is not None:  # own tokens always visible, bank tokens where the read mask allows
+        own = read_mask.new_ones(*read_mask.shape[:2], tokens.shape[1])
+        mask = torch.cat([own, read_mask], dim=-1).repeat(halves, 1, 1)[:, None]  # (halves*B, 1, N, N + M)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=attn.scale
+    )
     out = out.transpose(1, 2).flatten(2).to(query.dtype)  # (halves*B, N, h*d)
     out = attn.to_out[0](out)
     return attn.to_out[1](out)

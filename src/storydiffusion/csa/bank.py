@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from storydiffusion.errors import BankMismatchError, StoryDiffusionError
 
-BANK_FORMAT_VERSION = 1
+BANK_FORMAT_VERSION = 2  # 2: settings carry the scheduler config, CSA layers, adapters, weights probe
 STORAGE_DTYPES = ("int8", "float16", "bfloat16", "float32")
 _INT8_MAX = 127.0
 
@@ -41,6 +42,12 @@ class BankSettings:
     width: int
     guidance_halves: int  # 2 with classifier-free guidance (uncond + cond tokens), else 1
     id_length: int  # reference frames the tokens were sampled from
+    # the scheduler's config (timestep spacing, Karras sigmas, prediction type ...): the same step index
+    # means the same noise level only under the same config
+    scheduler_config: Mapping[str, Any] = field(default_factory=dict)
+    layers: tuple[str, ...] = ()  # the CSA layers the bank was written at: a run must read at all of them
+    adapters: str = ""  # the LoRA/PEFT adapters active on the UNet and text encoders, with their scales
+    weights_probe: tuple[float, ...] = ()  # mean |w| of probe tensors: catches other weights of one architecture
 
     def mismatches(self, other: BankSettings) -> list[str]:
         """Fields whose values differ, as 'field: bank=... run=...' strings (model only when both are known)."""
@@ -51,9 +58,42 @@ class BankSettings:
                 continue  # any id_length reads fine; an unnamed model is checked by its fingerprint
             if f.name == "guidance_halves" and mine >= theirs:
                 continue  # a guided bank serves unguided frames (its cond half)
+            if f.name == "layers":
+                missing = [layer for layer in mine if layer not in set(theirs)]
+                if missing:
+                    problems.append(
+                        f"layers: the bank holds {len(missing)} CSA layer(s) the run does not install (e.g. "
+                        f"{missing[0]!r}); read it with the CSAConfig layers/levels it was made with"
+                    )
+                continue
+            if f.name == "scheduler_config":
+                keys = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
+                problems += [f"scheduler_config.{k}: bank={mine.get(k)!r} run={theirs.get(k)!r}" for k in keys]
+                continue
+            if f.name == "weights_probe":
+                if not probes_match(mine, theirs):
+                    problems.append(
+                        "weights_probe: the UNet's weights differ from the bank's (another checkpoint, fine-tune "
+                        "or fused LoRA of the same architecture)"
+                    )
+                continue
             if mine != theirs:
                 problems.append(f"{f.name}: bank={mine!r} run={theirs!r}")
         return problems
+
+    @classmethod
+    def from_json(cls, text: str) -> BankSettings:
+        data = json.loads(text)
+        for name in ("layers", "weights_probe"):
+            data[name] = tuple(data.get(name, ()))
+        return cls(**data)
+
+
+def probes_match(a: tuple[float, ...], b: tuple[float, ...], rtol: float = 1e-3) -> bool:
+    """Whether two weight probes come from the same weights (any storage dtype: fp32, fp16, bf16)."""
+    if len(a) != len(b):
+        return False
+    return all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b))
 
 
 def quantize_int8(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +169,11 @@ class IdentityBank:
         # quantised on the compute device, then moved: a blocking copy, since an asynchronous
         # device-to-host copy into pageable memory could be read before it lands
         self._values[key] = values.to(self.device)
+
+    def entry_tokens(self, step: int, layer: str) -> int:
+        """How many tokens the entry (step, layer) holds per guidance half (0 when none)."""
+        values = self._values.get(_entry_key(step, layer))
+        return 0 if values is None else values.shape[1]
 
     def get(
         self, step: int, layer: str, dtype: torch.dtype, device: torch.device, guidance_halves: int
@@ -214,7 +259,7 @@ class IdentityBank:
                 f"{path} uses bank format version {metadata.get('version')}; this storydiffusion reads "
                 f"version {BANK_FORMAT_VERSION}: regenerate the character"
             )
-        settings = BankSettings(**json.loads(metadata["settings"]))
+        settings = BankSettings.from_json(metadata["settings"])
         bank = cls(metadata["character"], settings, metadata["storage_dtype"], device)
         for name, tensor in tensors.items():
             kind, key = name.split("/", 1)

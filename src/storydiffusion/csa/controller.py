@@ -2,24 +2,45 @@
 
 One controller per pipeline, owned by the caller — nothing lives at module level, so two
 pipelines (or two UI sessions) in one process never see each other's state. The pipeline tells
-the controller what phase it is in (`begin_mutual` / `begin_read`) and, through the denoising
-loop's `callback_on_step_end`, which step it is on; the processors only ask.
+the controller what phase it is in (`begin_mutual` / `begin_read`) and which timesteps its
+denoising loop runs; a forward pre-hook on the UNet reads the timestep of each UNet call and looks
+up its step there, so the step is never counted: the user's `callback_on_step_end`, `denoising_end`,
+second-order schedulers (which call the UNet twice per step) and pipelines that call the UNet more
+than once a step all see the same step for the same timestep. The processors only ask.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 
-from storydiffusion.csa.attention import ConsistentSelfAttnProcessor, CSAConfig, layer_level, sample_token_indices
+from storydiffusion.csa.attention import (
+    ConsistentSelfAttnProcessor,
+    CSAConfig,
+    bank_read_mask,
+    layer_level,
+    sample_token_indices,
+)
 from storydiffusion.csa.bank import IdentityBank
+from storydiffusion.csa.masks import exclusive, grid_shape, resize_mask
+from storydiffusion.csa.subjects import SubjectMapRecorder, SubjectMaps
 from storydiffusion.errors import StoryDiffusionError
 
 Mode = Literal["off", "mutual", "read"]
+
+
+def denoising_timesteps(scheduler: Any, num_inference_steps: int) -> list[float]:
+    """The distinct timesteps, in loop order, that `scheduler` runs for `num_inference_steps` (on a copy:
+    the pipeline's scheduler is untouched). A second-order scheduler's repeated timesteps count once."""
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(num_inference_steps)
+    timesteps = torch.as_tensor(scheduler.timesteps).double().cpu()
+    return torch.unique_consecutive(timesteps).tolist()
 
 
 def self_attention_layers(unet: Any) -> list[str]:
@@ -54,8 +75,9 @@ class ConsistentAttention:
 
     >>> csa = ConsistentAttention(CSAConfig(rate=0.5))
     >>> with csa.installed(pipe.unet):
-    ...     csa.begin_mutual(num_steps=50, images_per_call=3, generator=torch.Generator().manual_seed(0))
-    ...     images = pipe(prompts, callback_on_step_end=csa.step_callback, ...).images
+    ...     timesteps = denoising_timesteps(pipe.scheduler, 50)
+    ...     csa.begin_mutual(timesteps, images_per_call=3, generator=torch.Generator().manual_seed(0))
+    ...     images = pipe(prompts, num_inference_steps=50, ...).images
     """
 
     def __init__(self, config: CSAConfig | None = None) -> None:
@@ -63,6 +85,8 @@ class ConsistentAttention:
         self.layers: dict[str, int] = {}  # installed CSA layer -> resolution level
         self._unet: Any = None
         self._originals: dict[str, Any] | None = None
+        self._hook: Any = None
+        self._cross_originals: dict[str, Any] = {}  # attn2 processors the subject-map recorders stand in for
         self.reset()
 
     def reset(self) -> None:
@@ -70,11 +94,17 @@ class ConsistentAttention:
         self.mode: Mode = "off"
         self.step = 0
         self.num_steps = 0
+        self.timesteps: torch.Tensor | None = None  # (num_steps,) float64; None: the caller sets the step
         self.images_per_call = 0
         self.generator: torch.Generator | None = None
         self.gates: dict[str, list[bool]] = {}
         self.write_bank: IdentityBank | None = None
         self.read_banks: tuple[IdentityBank, ...] = ()
+        # per image of the call: character -> boolean (H, W) subject mask over the frame; None: unmasked reads
+        self.read_masks: tuple[Mapping[str, torch.Tensor], ...] | None = None
+        self._owner_cache: dict[int, torch.Tensor] = {}
+        self.subject_maps: SubjectMaps | None = None  # inferring the read masks (`csa.subjects`)
+        self._remove_recorders()
 
     def __repr__(self) -> str:
         where = "installed" if self.is_installed else "not installed"
@@ -105,14 +135,17 @@ class ConsistentAttention:
                 name, level, self.config.rate_for(level), self, originals[key]
             )
         unet.set_attn_processor(processors)
+        self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
         self._unet, self._originals = unet, originals
 
     def uninstall(self) -> None:
         """Restore exactly the processors that were there before `install`."""
         if not self.is_installed:
             return
+        self._hook.remove()
+        self._cross_originals = {}  # the originals below hold the cross-attention processors too
         self._unet.set_attn_processor(dict(self._originals))
-        self._unet, self._originals = None, None
+        self._unet, self._originals, self._hook = None, None, None
         self.reset()
 
     @contextmanager
@@ -126,26 +159,69 @@ class ConsistentAttention:
     # -- phases (called by the pipeline) -----------------------------------------------------
     def begin_mutual(
         self,
-        num_steps: int,
+        timesteps: Sequence[float] | int,
         images_per_call: int,
         generator: torch.Generator,
         bank: IdentityBank | None = None,
     ) -> None:
-        """Reference phase: the `images_per_call` images of each call share tokens; optionally fill `bank`."""
-        self._begin("mutual", num_steps, images_per_call)
+        """Reference phase: the `images_per_call` images of each call share tokens; optionally fill `bank`.
+
+        `timesteps`: the loop's distinct timesteps (`denoising_timesteps`); each UNet call's step is the
+        position of its timestep there. A number of steps instead leaves the step to `set_step`.
+        """
+        self._begin("mutual", timesteps, images_per_call)
         self.generator = generator
         self.write_bank = bank
-        self.gates = self.draw_gates(num_steps, generator)
+        self.gates = self.draw_gates(self.num_steps, generator)
 
-    def begin_read(self, num_steps: int, images_per_call: int, banks: Sequence[IdentityBank]) -> None:
-        """Frame phase: each image attends to its own tokens plus every bank in `banks` (none: plain)."""
-        self._begin("read" if banks else "off", num_steps, images_per_call)
+    def begin_read(
+        self,
+        timesteps: Sequence[float] | int,
+        images_per_call: int,
+        banks: Sequence[IdentityBank],
+        masks: Sequence[Mapping[str, torch.Tensor]] | None = None,
+        subject_tokens: Sequence[Mapping[str, Sequence[int]]] | None = None,
+        frame_shape: tuple[int, int] | None = None,
+    ) -> None:
+        """Frame phase: each image attends to its own tokens plus every bank in `banks` (none: plain).
+
+        `masks`, one mapping per image (character -> boolean (H, W) mask over the frame): a query token
+        reads only the bank of the character whose mask holds it (overlaps go to the first character,
+        `csa.masks.exclusive`), and background tokens read none. None: every token reads every bank.
+
+        `subject_tokens` instead of masks, one mapping per image (character -> positions of its description
+        tokens in the text encoder's sequence), with the latent `frame_shape` (h, w): the masks are inferred
+        from the cross-attention to those tokens (`csa.subjects`), refreshed every step until
+        `config.mask_until` of the loop, then kept."""
+        self._begin("read" if banks else "off", timesteps, images_per_call)
         self.read_banks = tuple(banks)
+        if masks is not None:
+            if len(masks) != images_per_call:
+                raise StoryDiffusionError(f"got masks for {len(masks)} images, the call holds {images_per_call}")
+            names = {bank.character for bank in banks}
+            for image_masks in masks:
+                unknown = sorted(set(image_masks) - names)
+                if unknown:
+                    raise StoryDiffusionError(f"masks for {unknown}, whose banks are not read; read: {sorted(names)}")
+            self.read_masks = tuple(masks)
+        elif subject_tokens is not None and banks:
+            if len(subject_tokens) != images_per_call or frame_shape is None:
+                raise StoryDiffusionError("subject_tokens needs one mapping per image and the frame_shape")
+            self.subject_maps = SubjectMaps(subject_tokens, frame_shape)
+            self.read_masks = tuple({} for _ in subject_tokens)  # no maps yet: nothing is read
+            self._install_recorders()
 
-    def _begin(self, mode: Mode, num_steps: int, images_per_call: int) -> None:
+    def _begin(self, mode: Mode, timesteps: Sequence[float] | int, images_per_call: int) -> None:
         if not self.is_installed:
             raise StoryDiffusionError("install ConsistentAttention on a UNet before starting a phase")
         self.reset()
+        if isinstance(timesteps, int):
+            num_steps = timesteps
+        else:
+            self.timesteps = torch.tensor(list(timesteps), dtype=torch.float64)
+            num_steps = len(self.timesteps)
+        if num_steps < 1:
+            raise StoryDiffusionError(f"a phase needs at least one denoising step, got {timesteps!r}")
         self.mode, self.num_steps, self.images_per_call = mode, num_steps, images_per_call
 
     def draw_gates(self, num_steps: int, generator: torch.Generator) -> dict[str, list[bool]]:
@@ -156,12 +232,54 @@ class ConsistentAttention:
         return {name: row.tolist() for name, row in zip(self.layers, gates)}
 
     def set_step(self, step: int) -> None:
+        """Set the step by hand (a phase begun with a number of steps instead of timesteps)."""
         self.step = step
 
-    def step_callback(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-        """`callback_on_step_end` for diffusers pipelines: the loop has finished `step`."""
-        self.set_step(step + 1)
-        return {}
+    def step_of(self, timestep: float) -> int:
+        """The step whose timestep is `timestep` (the nearest one of the phase's timesteps)."""
+        distances = (self.timesteps - timestep).abs()
+        step = int(distances.argmin())
+        if distances[step] > 1e-3 * max(1.0, abs(timestep)):
+            raise StoryDiffusionError(
+                f"the UNet was called at timestep {timestep:g}, which is not among this phase's "
+                f"{self.num_steps} timesteps ({self.timesteps[0].item():g} ... {self.timesteps[-1].item():g}); "
+                "begin the phase with the timesteps the pipeline's scheduler runs (denoising_timesteps)"
+            )
+        return step
+
+    def _on_unet_call(self, unet: Any, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: the step of this UNet call, from the timestep it is called with; while masks are
+        inferred, the masks from the maps recorded so far."""
+        if self.mode == "off" or self.timesteps is None:
+            return None
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1] if len(args) > 1 else None
+        if timestep is not None:
+            self.step = self.step_of(float(torch.as_tensor(timestep).flatten()[0]))
+        if self.subject_maps is not None and self.subject_maps.grid is not None and self._refreshing_masks():
+            self.read_masks = tuple(self.subject_maps.masks(self.config.mask_dilation))
+            self._owner_cache.clear()
+        return None
+
+    def _refreshing_masks(self) -> bool:
+        """Whether this step still records subject maps (the first `config.mask_until` of the loop, at least one)."""
+        return self.step <= max(1, round(self.config.mask_until * self.num_steps))
+
+    def recording_maps(self) -> SubjectMaps | None:
+        """The maps the cross-attention recorders add to at this step, or None when they should not."""
+        if self.mode != "read" or self.subject_maps is None or not self._refreshing_masks():
+            return None
+        return self.subject_maps
+
+    def _install_recorders(self) -> None:
+        current = self._unet.attn_processors
+        self._cross_originals = {key: p for key, p in current.items() if key.endswith("attn2.processor")}
+        recorders = {key: SubjectMapRecorder(key, self, p) for key, p in self._cross_originals.items()}
+        self._unet.set_attn_processor({**current, **recorders})
+
+    def _remove_recorders(self) -> None:
+        if getattr(self, "_cross_originals", None) and self._unet is not None:
+            self._unet.set_attn_processor({**self._unet.attn_processors, **self._cross_originals})
+        self._cross_originals = {}
 
     def end(self) -> None:
         self.reset()
@@ -195,6 +313,30 @@ class ConsistentAttention:
     def write(self, layer: str, tokens: torch.Tensor) -> None:
         if self.write_bank is not None:
             self.write_bank.put(self.step, layer, tokens)
+
+    def read_mask(self, layer: str, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """(B, N, M) which of this (step, layer)'s bank tokens (in `read` order) each query token may read;
+        None for unmasked reads."""
+        if self.read_masks is None:
+            return None
+        if num_tokens not in self._owner_cache:  # query owners per token grid: the same at every step
+            self._owner_cache[num_tokens] = torch.stack(
+                [self._query_owner(image_masks, num_tokens) for image_masks in self.read_masks]
+            )
+        counts = [bank.entry_tokens(self.step, layer) for bank in self.read_banks]
+        bank_owner = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(counts)])
+        return bank_read_mask(self._owner_cache[num_tokens], bank_owner).to(device)
+
+    def _query_owner(self, image_masks: Mapping[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
+        """(N,) index into `read_banks` of the character whose mask holds each token (-1: background)."""
+        owner = torch.full((num_tokens,), -1, dtype=torch.long)
+        if not image_masks:
+            return owner
+        size = grid_shape(num_tokens, next(iter(image_masks.values())).shape)
+        order = [bank.character for bank in self.read_banks]
+        for name, mask in exclusive({name: resize_mask(m, size) for name, m in image_masks.items()}).items():
+            owner[mask.flatten()] = order.index(name)
+        return owner
 
     def read(self, layer: str, halves: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """Every read bank's tokens for this (step, layer), concatenated: (halves, M, C), or None."""

@@ -31,6 +31,9 @@ class FrameSyntaxError(StoryDiffusionError):
     """A frame line that breaks the syntax (message only; callers may add where it came from)."""
 
 
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in fractions of the frame, y down
+
+
 @dataclass(frozen=True)
 class Frame:
     """One panel: the prompt sent to the text encoder and the characters it shows."""
@@ -38,6 +41,37 @@ class Frame:
     prompt: str
     characters: tuple[str, ...] = ()
     negative_prompt: str | None = None  # None: the call's negative prompt
+    # where each named character stands: its bank is read only by the tokens of its box, the background
+    # reads no bank (None: every token reads every named character's bank)
+    regions: Mapping[str, Box] | None = None
+
+
+def check_box(box: object) -> Box:
+    """A region box as four floats 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1; raises FrameSyntaxError saying why."""
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        raise FrameSyntaxError(f"a region is [x0, y0, x1, y1] in fractions of the frame, got {show(box)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+        raise FrameSyntaxError(f"a region's corners are numbers from 0 to 1, got {show(box)}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise FrameSyntaxError(
+            f"region {show(list(box))} is outside the frame or empty: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
+        )
+    return (x0, y0, x1, y1)
+
+
+def check_regions(regions: Mapping[str, object], characters: tuple[str, ...]) -> dict[str, Box]:
+    """A frame's regions: one valid box per character the frame names (every one of them, none other)."""
+    unknown = [name for name in regions if name not in characters]
+    if unknown:
+        raise FrameSyntaxError(
+            f"region for [{unknown[0]}], whom the frame does not name; the frame names "
+            f"{', '.join(f'[{n}]' for n in characters) or 'no character'}"
+        )
+    missing = [name for name in characters if name not in regions]
+    if missing:
+        raise FrameSyntaxError(f"no region for [{missing[0]}]: give a box for every character the frame names, or none")
+    return {name: check_box(box) for name, box in regions.items()}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """`StoryPipeline`: a story's frames from a diffusers SD1.5/SDXL pipeline, characters kept consistent.
 
-It wraps a loaded `StableDiffusionPipeline` or `StableDiffusionXLPipeline` (never copies it) and
-runs two phases with Consistent Self-Attention installed on its UNet:
+It wraps a loaded `StableDiffusionPipeline` or `StableDiffusionXLPipeline`, or their ControlNet
+versions, any of them with an IP-Adapter or LoRA loaded (never copies it), and runs two phases
+with Consistent Self-Attention installed on its UNet:
 
 1. reference phase — per character, its first `id_length` frames are generated together with
    mutual CSA, filling the character's identity bank;
@@ -13,8 +14,9 @@ The wrapped pipeline's own processors are back in place when a call returns.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
+import inspect
 import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,23 +24,74 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from tqdm.auto import tqdm
 
 from storydiffusion.csa.attention import CSAConfig
 from storydiffusion.csa.bank import STORAGE_DTYPES, BankSettings, IdentityBank
-from storydiffusion.csa.controller import ConsistentAttention, select_layers
+from storydiffusion.csa.controller import ConsistentAttention, denoising_timesteps, select_layers
+from storydiffusion.csa.masks import box_mask
 from storydiffusion.errors import StoryDiffusionError
-from storydiffusion.pipelines.frames import Frame, parse_frame
-from storydiffusion.pipelines.prompts import encode_long_prompts, needs_chunking
+from storydiffusion.pipelines.frames import Frame, FrameSyntaxError, check_regions, parse_frame
+from storydiffusion.pipelines.prompts import encode_frames, needs_own_encoding, phrase_positions
 
 # arguments StoryPipeline sets itself on every call of the wrapped pipeline
 _RESERVED_KWARGS = {
-    "prompt", "negative_prompt", "generator", "callback_on_step_end", "num_images_per_prompt",
+    "prompt", "negative_prompt", "generator", "num_images_per_prompt",
     "latents", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps",
     "guidance_scale", "output_type", "timesteps", "sigmas", "pooled_prompt_embeds",
     "negative_pooled_prompt_embeds",
 }  # fmt: skip
+
+# pipelines whose text-to-image loop StoryPipeline drives (subclasses too): the SD/SDXL UNet and loop,
+# ControlNet on top, and any of them with an IP-Adapter or LoRA loaded
+SUPPORTED_PIPELINES = (
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetPipeline,
+)
+
+
+def check_pipeline(pipe: Any) -> None:
+    """Raise a StoryDiffusionError saying why, unless StoryPipeline can drive `pipe`."""
+    if isinstance(pipe, SUPPORTED_PIPELINES):
+        return
+    name = type(pipe).__name__
+    accepted = ", ".join(cls.__name__ for cls in SUPPORTED_PIPELINES)
+    if not isinstance(pipe, DiffusionPipeline):
+        raise StoryDiffusionError(f"StoryPipeline wraps a diffusers pipeline ({accepted}), got a {name}")
+    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+        raise StoryDiffusionError(
+            f"{name} has no UNet2DConditionModel at `pipe.unet`, and Consistent Self-Attention runs in the "
+            f"self-attention layers of one; StoryPipeline wraps {accepted}"
+        )
+    parameters = inspect.signature(pipe.__call__).parameters
+    if "strength" in parameters or "mask_image" in parameters:
+        raise StoryDiffusionError(
+            f"{name} denoises from an input image (image-to-image / inpainting), but a story's frames start "
+            "from noise and their identity banks hold every step of the full loop; wrap the text-to-image "
+            f"pipeline on the same components instead: AutoPipelineForText2Image.from_pipe(pipe) ({accepted})"
+        )
+    raise StoryDiffusionError(
+        f"StoryPipeline wraps {accepted} (or a subclass), got {name}; load the checkpoint with one of those"
+    )
+
+
+def is_controlnet_pipeline(pipe: Any) -> bool:
+    return getattr(pipe, "controlnet", None) is not None
+
+
+def has_ip_adapter(pipe: Any) -> bool:
+    """Whether an IP-Adapter is loaded (`load_ip_adapter`): the UNet then needs image embeddings every call."""
+    return getattr(pipe.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
 
 
 @dataclass(frozen=True)
@@ -75,6 +128,44 @@ def unet_fingerprint(unet: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def public_config(config: Any) -> dict[str, Any]:
+    """A config's public entries, JSON-ready (lists for tuples), for comparing and storing."""
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, default=str))
+
+
+@torch.no_grad()
+def weights_probe(unet: Any, count: int = 64) -> tuple[float, ...]:
+    """Mean |w| of `count` weight tensors spread over the UNet plus every attention projection: equal for
+    the same weights in any dtype, different for another fine-tune, or a LoRA fused into the weights."""
+    # PEFT wraps a LoRA'd layer's own weight as `base_layer`: the same tensor under the same name
+    named = sorted((n.replace(".base_layer", ""), p) for n, p in unet.named_parameters() if "lora_" not in n)
+    spread = {n for n, _ in named[:: max(1, len(named) // count)]}
+    attention = {n for n, _ in named if n.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))}
+    chosen = [p for n, p in named if n in spread | attention]
+    means = torch.stack([p.detach().float().abs().mean() for p in chosen]).cpu()  # one device sync
+    return tuple(float(f"{m:.7g}") for m in means.tolist())
+
+
+def active_adapters(**models: Any) -> str:
+    """The PEFT (LoRA) adapters active in each model and their scales, e.g. 'unet: pixel=0.8'; '' for none."""
+    described = []
+    for role, model in models.items():
+        if model is None:
+            continue
+        scales: dict[str, set[float]] = {}
+        for module in model.modules():
+            scaling = getattr(module, "scaling", None)
+            active = getattr(module, "active_adapters", None)
+            if isinstance(scaling, dict) and active is not None and not getattr(module, "disable_adapters", False):
+                for name in active:
+                    if name in scaling:
+                        scales.setdefault(name, set()).add(round(float(scaling[name]), 6))
+        if scales:
+            parts = ", ".join(f"{name}={'/'.join(f'{v:g}' for v in sorted(v))}" for name, v in sorted(scales.items()))
+            described.append(f"{role}: {parts}")
+    return "; ".join(described)
+
+
 class StoryPipeline:
     """Consistent characters across a story's frames, on any SD1.5/SD2.x/SDXL diffusers pipeline.
 
@@ -91,10 +182,7 @@ class StoryPipeline:
         bank_dtype: str = "int8",
         bank_device: str | torch.device = "cpu",
     ) -> None:
-        if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):
-            raise StoryDiffusionError(
-                f"StoryPipeline wraps a StableDiffusionPipeline or StableDiffusionXLPipeline, got {type(pipe).__name__}"
-            )
+        check_pipeline(pipe)
         if bank_dtype not in STORAGE_DTYPES:
             raise StoryDiffusionError(f"bank_dtype={bank_dtype!r} is not supported; use one of {STORAGE_DTYPES}")
         self.pipe = pipe
@@ -131,32 +219,38 @@ class StoryPipeline:
         side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         return side, side
 
-    def num_denoising_steps(self, num_inference_steps: int) -> int:
-        """Length of the denoising loop (a second-order scheduler calls the UNet more than once per step)."""
-        scheduler = copy.deepcopy(self.pipe.scheduler)
-        scheduler.set_timesteps(num_inference_steps)
-        return len(scheduler.timesteps)
+    def denoising_timesteps(self, num_inference_steps: int) -> list[float]:
+        """The distinct timesteps of the denoising loop; CSA's step i is the i-th of them."""
+        return denoising_timesteps(self.pipe.scheduler, num_inference_steps)
 
     def bank_settings(
         self,
+        *,
         num_inference_steps: int,
         guidance_scale: float,
         height: int | None = None,
         width: int | None = None,
         id_length: int = 0,
     ) -> BankSettings:
-        """The settings a bank made (or read) by a call with these arguments carries."""
+        """The settings a bank made (or read) by a call with these arguments carries (keyword-only: the
+        sizes and counts are all integers, and a swapped pair would pass unnoticed)."""
         default_height, default_width = self.default_size()
         guided = guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        text_encoders = {"text_encoder": getattr(self.pipe, "text_encoder", None)}
+        text_encoders["text_encoder_2"] = getattr(self.pipe, "text_encoder_2", None)
         return BankSettings(
             model=self.pipe.name_or_path or "",
             unet_fingerprint=unet_fingerprint(self.pipe.unet),
             scheduler=type(self.pipe.scheduler).__name__,
-            num_steps=self.num_denoising_steps(num_inference_steps),
+            num_steps=len(self.denoising_timesteps(num_inference_steps)),
             height=height or default_height,
             width=width or default_width,
             guidance_halves=2 if guided else 1,
             id_length=id_length,
+            scheduler_config=public_config(self.pipe.scheduler.config),
+            layers=tuple(sorted(select_layers(self.pipe.unet, self.csa.config))),
+            adapters=active_adapters(unet=self.pipe.unet, **text_encoders),
+            weights_probe=weights_probe(self.pipe.unet),
         )
 
     # -- the call ----------------------------------------------------------------------------
@@ -168,6 +262,7 @@ class StoryPipeline:
         banks: Mapping[str, IdentityBank],
         frame_batch_size: int,
         pipeline_kwargs: Mapping[str, Any],
+        control_images: Sequence[Any] | None = None,
     ) -> None:
         if not frames:
             raise StoryDiffusionError("frames is empty: give at least one frame")
@@ -180,6 +275,11 @@ class StoryPipeline:
         for index, frame in enumerate(frames):
             if not frame.prompt.strip():
                 raise StoryDiffusionError(f"frame {index} has an empty prompt")
+            if frame.regions is not None:
+                try:
+                    check_regions(frame.regions, frame.characters)
+                except FrameSyntaxError as error:
+                    raise StoryDiffusionError(f"frame {index} ({frame.prompt!r}): {error}") from None
             for name in frame.characters:
                 if name not in characters and name not in banks:
                     raise StoryDiffusionError(
@@ -192,6 +292,65 @@ class StoryPipeline:
         reserved = sorted(_RESERVED_KWARGS & set(pipeline_kwargs))
         if reserved:
             raise StoryDiffusionError(f"{reserved} are set by StoryPipeline itself; pass them as its own arguments")
+        self._check_conditioning(len(frames), pipeline_kwargs, control_images)
+
+    def _check_conditioning(
+        self, num_frames: int, pipeline_kwargs: Mapping[str, Any], control_images: Sequence[Any] | None
+    ) -> None:
+        """ControlNet and IP-Adapter inputs: present where the wrapped pipeline needs them, absent elsewhere."""
+        name = type(self.pipe).__name__
+        if not is_controlnet_pipeline(self.pipe):
+            if control_images is not None or "image" in pipeline_kwargs:
+                given = "control_images" if control_images is not None else "image"
+                raise StoryDiffusionError(
+                    f"{given}= is a ControlNet's control image, but {name} has no controlnet; drop it or wrap a "
+                    "StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline"
+                )
+        elif control_images is not None:
+            if "image" in pipeline_kwargs:
+                raise StoryDiffusionError(
+                    "both image= (one control image for every frame) and control_images= (one per frame) are given; "
+                    "pass one of them"
+                )
+            if isinstance(control_images, str) or not isinstance(control_images, Sequence):
+                raise StoryDiffusionError(
+                    f"control_images must be a sequence with one control image per frame, got a "
+                    f"{type(control_images).__name__}; for one image shared by all frames pass image= instead"
+                )
+            if len(control_images) != num_frames:
+                raise StoryDiffusionError(
+                    f"control_images has {len(control_images)} images for {num_frames} frames; give one per frame "
+                    "(or image= for one shared by all)"
+                )
+            nets = getattr(self.pipe.controlnet, "nets", None)  # a MultiControlNetModel
+            for index, images in enumerate(control_images):
+                if images is None:
+                    raise StoryDiffusionError(f"control_images[{index}] is None; give every frame a control image")
+                if nets is not None and (not isinstance(images, Sequence) or len(images) != len(nets)):
+                    raise StoryDiffusionError(
+                        f"control_images[{index}] must be a list of {len(nets)} images, one per ControlNet of "
+                        f"{name}'s MultiControlNetModel"
+                    )
+        elif pipeline_kwargs.get("image") is None:
+            raise StoryDiffusionError(
+                f"{name} needs a control image: pass image= (one for every frame) or control_images= (one per frame)"
+            )
+        if has_ip_adapter(self.pipe) and all(
+            pipeline_kwargs.get(key) is None for key in ("ip_adapter_image", "ip_adapter_image_embeds")
+        ):
+            raise StoryDiffusionError(
+                f"{name} has an IP-Adapter loaded, which needs ip_adapter_image= (or ip_adapter_image_embeds=) "
+                "on every call; pass one, or pipe.unload_ip_adapter() first"
+            )
+
+    def _control_image_kwargs(self, control_images: Sequence[Any] | None, indices: Sequence[int]) -> dict[str, Any]:
+        """`image=` for one pipeline call of frames `indices`: their control images, in the batch's order."""
+        if control_images is None:
+            return {}
+        if getattr(self.pipe.controlnet, "nets", None) is not None:
+            # MultiControlNet: diffusers reads a nested list as one list per image of the batch
+            return {"image": [list(control_images[i]) for i in indices]}
+        return {"image": [control_images[i] for i in indices]}
 
     @torch.no_grad()
     def __call__(
@@ -214,6 +373,7 @@ class StoryPipeline:
         skip_frames: Collection[int] = (),
         on_frame: Callable[[FrameInfo, Any], None] | None = None,
         on_bank: Callable[[str, IdentityBank], None] | None = None,
+        control_images: Sequence[Any] | None = None,
         **pipeline_kwargs: Any,
     ) -> StoryPipelineOutput:
         """Generate every frame of a story.
@@ -230,14 +390,26 @@ class StoryPipeline:
                 None. A character's reference frames still run when a frame that is generated needs its bank.
             on_frame: called with (FrameInfo, image) as soon as each frame is done — write it out there.
             on_bank: called with (name, bank) as soon as a character's reference phase is done.
-            pipeline_kwargs: passed on to the wrapped pipeline (e.g. `guidance_rescale`).
+            control_images: ControlNet pipelines only: one control image per frame (for MultiControlNet, a
+                list per frame, one image per ControlNet). One image for every frame goes in `image=` instead.
+            pipeline_kwargs: passed on to the wrapped pipeline (e.g. `guidance_rescale`; a ControlNet's `image=`
+                and `controlnet_conditioning_scale=`; an IP-Adapter's `ip_adapter_image=`, used for every frame).
         """
         # 1. Check inputs
         banks = dict(banks or {})
         resolved = [f if isinstance(f, Frame) else parse_frame(f, characters) for f in frames]
-        self.check_inputs(characters, resolved, id_length, banks, frame_batch_size, pipeline_kwargs)
+        self.check_inputs(
+            characters, resolved, id_length, banks, frame_batch_size, pipeline_kwargs, control_images=control_images
+        )
         height, width = height or self.default_size()[0], width or self.default_size()[1]
-        settings = self.bank_settings(num_inference_steps, guidance_scale, height, width, id_length)
+        settings = self.bank_settings(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            id_length=id_length,
+        )
+        timesteps = self.denoising_timesteps(num_inference_steps)
         for bank in banks.values():
             bank.check_compatible(settings)
 
@@ -250,16 +422,11 @@ class StoryPipeline:
             if name in needed
         }
         reference_of = {index: name for name, indices in references.items() for index in indices}
+        infos = self.frame_infos(
+            resolved, negative_prompt=negative_prompt, seed=seed, same_initial_noise=same_initial_noise
+        )
         infos = [
-            FrameInfo(
-                index=i,
-                prompt=frame.prompt,
-                negative_prompt=negative_prompt if frame.negative_prompt is None else frame.negative_prompt,
-                seed=frame_seed(seed, i, same_initial_noise),
-                characters=frame.characters,
-                role="reference" if i in reference_of else "frame",
-            )
-            for i, frame in enumerate(resolved)
+            dataclasses.replace(info, role="reference" if info.index in reference_of else "frame") for info in infos
         ]
         images: list[Any] = [None] * len(resolved)
         common = dict(
@@ -280,8 +447,8 @@ class StoryPipeline:
             for name, indices in references.items():
                 bank = IdentityBank(name, settings, self.bank_dtype, self.bank_device)
                 sampler = torch.Generator().manual_seed(derived_seed(seed, 1, character_order.index(name)))
-                self.csa.begin_mutual(settings.num_steps, len(indices), sampler, bank)
-                self._generate(indices, infos, images, common, on_frame)
+                self.csa.begin_mutual(timesteps, len(indices), sampler, bank)
+                self._generate(indices, infos, images, common, on_frame, control_images)
                 banks[name] = bank
                 if on_bank is not None:
                     on_bank(name, bank)
@@ -289,16 +456,40 @@ class StoryPipeline:
 
             # 4. Frame phase: the rest, reading the banks of the characters they name
             rest = [infos[i] for i in todo if i not in reference_of]
-            for indices in self._frame_batches(rest, frame_batch_size):
+            latent_size = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
+            for indices in self._frame_batches(rest, frame_batch_size, resolved):
                 named = infos[indices[0]].characters
-                self.csa.begin_read(settings.num_steps, len(indices), [banks[name] for name in named])
-                self._generate(indices, infos, images, common, on_frame)
+                masks = self.region_masks([resolved[i] for i in indices], latent_size)
+                subjects = None if masks is not None else self.subject_tokens([infos[i] for i in indices], characters)
+                self.csa.begin_read(
+                    timesteps, len(indices), [banks[name] for name in named], masks, subjects, latent_size
+                )
+                self._generate(indices, infos, images, common, on_frame, control_images)
                 bar.update(len(indices))
             self.csa.end()
 
         return StoryPipelineOutput(images=images, frames=infos, banks=banks)
 
     # -- helpers -----------------------------------------------------------------------------
+    @staticmethod
+    def frame_infos(
+        frames: Sequence[Frame], *, negative_prompt: str = "", seed: int = 0, same_initial_noise: bool = False
+    ) -> list[FrameInfo]:
+        """What each frame of a call will be made from (prompt, negative prompt, seed, characters): the one
+        place these are decided, so a resumed run can tell which panels on disk are still valid. Roles
+        (reference or frame) depend on the banks and skipped frames of the call; "frame" here."""
+        return [
+            FrameInfo(
+                index=i,
+                prompt=frame.prompt,
+                negative_prompt=negative_prompt if frame.negative_prompt is None else frame.negative_prompt,
+                seed=frame_seed(seed, i, same_initial_noise),
+                characters=frame.characters,
+                role="frame",
+            )
+            for i, frame in enumerate(frames)
+        ]
+
     @staticmethod
     def reference_frames(frames: Sequence[Frame], id_length: int, exclude: set[str]) -> dict[str, list[int]]:
         """Per named character (not in `exclude`), its first `id_length` frames that show it alone."""
@@ -316,11 +507,35 @@ class StoryPipeline:
         return references
 
     @staticmethod
-    def _frame_batches(infos: Sequence[FrameInfo], size: int) -> list[list[int]]:
-        """Frames grouped by the characters they name, in chunks of `size`."""
-        groups: dict[tuple[str, ...], list[int]] = {}
+    def region_masks(frames: Sequence[Frame], latent_size: tuple[int, int]) -> list[dict[str, torch.Tensor]] | None:
+        """Per frame, character -> boolean mask of its region at the latent grid; None when no frame has regions."""
+        if all(frame.regions is None for frame in frames):
+            return None
+        return [{name: box_mask(box, latent_size) for name, box in (frame.regions or {}).items()} for frame in frames]
+
+    def subject_tokens(
+        self, infos: Sequence[FrameInfo], characters: Mapping[str, str]
+    ) -> list[dict[str, list[int]]] | None:
+        """For frames naming several characters (with `CSAConfig.subject_masks="infer"`): per frame, each
+        character's description token positions, from which its subject mask is inferred. None when the
+        frames name one character, or a description does not appear in a prompt (then reads are unmasked)."""
+        if self.csa.config.subject_masks != "infer" or len(infos[0].characters) < 2:
+            return None
+        tokens = [
+            {
+                name: phrase_positions(self.pipe.tokenizer, info.prompt, characters.get(name, ""))
+                for name in info.characters
+            }
+            for info in infos
+        ]
+        return tokens if all(all(positions.values()) for positions in tokens) else None
+
+    @staticmethod
+    def _frame_batches(infos: Sequence[FrameInfo], size: int, frames: Sequence[Frame]) -> list[list[int]]:
+        """Frames grouped by the characters they name (and whether they carry regions), in chunks of `size`."""
+        groups: dict[tuple[tuple[str, ...], bool], list[int]] = {}
         for info in infos:
-            groups.setdefault(info.characters, []).append(info.index)
+            groups.setdefault((info.characters, frames[info.index].regions is not None), []).append(info.index)
         return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
     def _generate(
@@ -330,19 +545,21 @@ class StoryPipeline:
         images: list,
         common: dict,
         on_frame: Callable[[FrameInfo, Any], None] | None,
+        control_images: Sequence[Any] | None = None,
     ) -> None:
         """One call of the wrapped pipeline for frames `indices`; images land in `images`."""
         prompts = [infos[i].prompt for i in indices]
         negatives = [infos[i].negative_prompt for i in indices]
-        negatives = negatives if any(negatives) else None  # None: SDXL's zeroed negative embedding
-        if needs_chunking(self.pipe, [*prompts, *(negatives or [])]):
-            text = encode_long_prompts(self.pipe, prompts, negatives)  # no silent cut at 77 tokens
-        else:
-            text = {"prompt": prompts, "negative_prompt": negatives}
+        clip_skip = common.get("clip_skip")
+        if needs_own_encoding(self.pipe, prompts, negatives, clip_skip):  # no silent cut, no neighbour effects
+            lora_scale = (common.get("cross_attention_kwargs") or {}).get("scale")
+            text = encode_frames(self.pipe, prompts, negatives, clip_skip, lora_scale)
+        else:  # all negatives empty (None: SDXL's zeroed negative embedding) or all given
+            text = {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
         result = self.pipe(
             **text,
             generator=[torch.Generator().manual_seed(infos[i].seed) for i in indices],
-            callback_on_step_end=self.csa.step_callback,
+            **self._control_image_kwargs(control_images, indices),  # ControlNet: these frames' control images
             **common,
         )
         for slot, image in zip(indices, result.images):

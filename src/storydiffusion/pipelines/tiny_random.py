@@ -4,17 +4,25 @@ They have the real architectures' layouts (down/mid/up blocks, self- and cross-a
 classifier-free guidance, SDXL's two text encoders and added time ids) at toy sizes, so tests
 and the offline demo exercise the same code paths as real checkpoints. Their images are noise:
 the weights are random. The tokenizer is the real CLIP vocabulary shipped with the package.
+
+Building one never touches torch's global random state: the seeded initialisation runs on a forked
+generator, so a test or a run that builds a tiny model keeps its own random stream.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.resources import files
 
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     EulerDiscreteScheduler,
+    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -29,6 +37,16 @@ def clip_tokenizer() -> CLIPTokenizer:
     if len(tokenizer) != 49408:  # offline loading can silently give an empty vocabulary
         raise RuntimeError(f"the packaged CLIP tokenizer at {TOKENIZER_DIR} loaded {len(tokenizer)} tokens, not 49408")
     return tokenizer
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Torch's global CPU generator seeded with `seed` inside, and back to its state before outside."""
+    # the tiny models are built on the CPU: only its generator is seeded (torch.manual_seed would also
+    # reseed every GPU's) and restored
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def _text_config(hidden_size: int, projection_dim: int = 32) -> CLIPTextConfig:
@@ -61,7 +79,11 @@ def _vae() -> AutoencoderKL:
 
 def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """SD1.5 layout: CrossAttn down blocks at levels 1 and 2, cross-attention mid block, 32-dim text."""
-    torch.manual_seed(seed)  # weight init only; never used for sampling
+    with seeded(seed):  # weight init only; never used for sampling
+        return StableDiffusionPipeline(**_sd_components())
+
+
+def _sd_components() -> dict:
     unet = UNet2DConditionModel(
         sample_size=32,
         block_out_channels=(32, 64),
@@ -72,7 +94,7 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    return StableDiffusionPipeline(
+    return dict(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(32)),
         tokenizer=clip_tokenizer(),
@@ -88,7 +110,11 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """SDXL layout: two text encoders, text_time added conditioning, no attention at the full level."""
-    torch.manual_seed(seed)
+    with seeded(seed):
+        return StableDiffusionXLPipeline(**_sdxl_components())
+
+
+def _sdxl_components() -> dict:
     unet = UNet2DConditionModel(
         sample_size=32,
         block_out_channels=(32, 64),
@@ -105,7 +131,7 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         norm_num_groups=8,
     )
     tokenizer = clip_tokenizer()
-    return StableDiffusionXLPipeline(
+    return dict(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(32)),
         text_encoder_2=CLIPTextModelWithProjection(_text_config(32, projection_dim=32)),
@@ -117,3 +143,37 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         ),
         force_zeros_for_empty_prompt=True,
     )
+
+
+def tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetModel:
+    """A ControlNet for `unet` (its layout, its encoder weights) whose zero-initialised convolutions are random.
+
+    A real ControlNet starts with zeroed convolutions (the conditioning encoder's last, every residual's)
+    and learns them; left at zero, a random one would add nothing, and no test could see the control
+    image. Its conditioning encoder downsamples 4x, like the tiny VAE.
+    """
+    with seeded(seed):
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16))
+        # the control image's path gets the larger weights: it is what the tests look for
+        cond_out = controlnet.controlnet_cond_embedding.conv_out
+        torch.nn.init.normal_(cond_out.weight, std=1.0)
+        torch.nn.init.zeros_(cond_out.bias)
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            torch.nn.init.normal_(conv.weight, std=0.1)
+            torch.nn.init.normal_(conv.bias, std=0.01)
+    return controlnet
+
+
+def tiny_sd_controlnet_pipeline(seed: int = 0) -> StableDiffusionControlNetPipeline:
+    """`tiny_sd_pipeline(seed)`'s components (the same weights) plus a `tiny_controlnet` of its UNet."""
+    with seeded(seed):
+        components = _sd_components()
+    return StableDiffusionControlNetPipeline(**components, controlnet=tiny_controlnet(components["unet"], seed))
+
+
+def tiny_sdxl_controlnet_pipeline(seed: int = 0) -> StableDiffusionXLControlNetPipeline:
+    """`tiny_sdxl_pipeline(seed)`'s components (the same weights) plus a `tiny_controlnet` of its UNet."""
+    with seeded(seed):
+        components = _sdxl_components()
+    controlnet = tiny_controlnet(components["unet"], seed)
+    return StableDiffusionXLControlNetPipeline(**components, controlnet=controlnet, add_watermarker=False)

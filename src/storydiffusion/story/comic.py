@@ -317,6 +317,17 @@ def fit_caption(text: str, box: PanelBox, layout: ComicLayout) -> CaptionFit:
     return CaptionFit(tuple(lines), MIN_FONT_SIZE, needed)
 
 
+def check_captions(captions: Sequence[str], layout: ComicLayout = ComicLayout()) -> None:
+    """Raise `StoryDiffusionError` naming the panel if a caption cannot fit its box in `layout`: checked
+    before any panel is drawn, so a long caption never fails a run after all of its panels are made."""
+    boxes = [box for page in plan_pages(len(captions), layout) for box in page]
+    for index, (caption, box) in enumerate(zip(captions, boxes)):
+        try:
+            fit_caption(caption, box, layout)
+        except StoryDiffusionError as error:
+            raise StoryDiffusionError(f"frame {index + 1}: {error}") from None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Drawing
 

@@ -1,10 +1,11 @@
 """Built-in example stories, shared by `storydiffusion demo` and the web UI."""
 
-# The demo speaks the tiny world's grammar (`storydiffusion.world.render`): what a description leaves out
-# (Mia's hair, Leo's shirt...) the model invents, and CSA keeps it the same from panel to panel.
+# The demo speaks the tiny world's grammar (`storydiffusion.world.render`). Characters are described by
+# their kind only, as the tiny model was trained: each character's look (hair, skin, shirt, trousers or
+# skirt, hat) is the model's own draw in its reference frames, and CSA carries it to every later panel.
 DEMO_CHARACTERS = """\
-[Mia] a girl with a ponytail and a yellow shirt
-[Leo] a boy wearing a cap
+[Mia] a girl
+[Leo] a boy
 """
 DEMO_FRAMES = """\
 [Mia], walking in the city #Mia walks to the park.

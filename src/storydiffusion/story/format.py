@@ -33,6 +33,8 @@ A mapping with `frames` (required), `characters` and optional settings::
       - prompt: "[Bob] and [Ann] meet at the bus stop"   # or a mapping: prompt (no #caption) and
         caption: They meet.                              # an optional caption
       - "[NC] a rainy city street at night"
+      - prompt: "[Bob] and [Ann] dance"                 # regions: where each named character stands,
+        regions: {Bob: [0, 0, 0.5, 1], Ann: [0.5, 0, 1, 1]}  # x0, y0, x1, y1 in fractions of the frame
     style: Comic book           # one of storydiffusion.story.styles.style_names() (case-insensitive)
     seed: 7                     # integer >= 0
     steps: 30                   # denoising steps
@@ -42,6 +44,7 @@ A mapping with `frames` (required), `characters` and optional settings::
     rate: 0.5                   # CSA sampling rate in [0, 1], or per resolution level: {2: 0.5, 4: 0.5}
     negative_prompt: blurry     # added once to the style's negative prompt
     model: stabilityai/stable-diffusion-xl-base-1.0
+    same_initial_noise: false   # true: every frame starts from the same noise (the public code's prior)
 
 `characters` may also be a list of `{name, description}` mappings or of `[Name] description`
 strings, and `characters` / `frames` may each be one block of text-box text (`frames: |`). YAML
@@ -64,7 +67,7 @@ from typing import Any
 import yaml
 
 from storydiffusion.errors import StoryDiffusionError
-from storydiffusion.pipelines.frames import NO_CHARACTER, Frame, FrameSyntaxError, parse_frame_body
+from storydiffusion.pipelines.frames import NO_CHARACTER, Box, Frame, FrameSyntaxError, check_regions, parse_frame_body
 from storydiffusion.pipelines.frames import show as _show
 from storydiffusion.story.styles import DEFAULT_STYLE, apply_style, get_style
 
@@ -72,6 +75,7 @@ COMMENT_PREFIX = "//"  # text-box lines starting with this are ignored
 STORY_SUFFIXES = (".yaml", ".yml", ".json")
 SETTING_KEYS = (
     "style", "seed", "steps", "guidance", "width", "height", "size", "id_length", "rate", "negative_prompt", "model",
+    "same_initial_noise",
 )  # fmt: skip
 TOP_LEVEL_KEYS = ("characters", "frames", *SETTING_KEYS)
 
@@ -142,10 +146,11 @@ class Panel:
     caption: str  # "" for no caption
     line: int | None
     source: str = "<frames>"
+    regions: Mapping[str, Box] | None = None  # character -> (x0, y0, x1, y1) in fractions of the frame
 
     def to_frame(self) -> Frame:
         """The unstyled pipeline frame (`Story.to_frames` applies the story's style)."""
-        return Frame(prompt=self.prompt, characters=self.characters)
+        return Frame(prompt=self.prompt, characters=self.characters, regions=self.regions)
 
 
 class _Invalid(Exception):
@@ -166,6 +171,7 @@ class StorySettings:
     rate: float | dict[int, float] = 0.5  # CSA sampling rate, or per resolution level (downsampling factor)
     negative_prompt: str = ""  # the user's negative, added once to the style's
     model: str | None = None  # model id or path; None: the caller's default
+    same_initial_noise: bool = False  # every frame from the same initial noise (the public code's prior)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -237,6 +243,10 @@ def _check_setting(name: str, value: Any) -> Any:
     if name == "model":
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise _Invalid(f"model must be a model id or path, got {_show(value)}")
+        return value
+    if name == "same_initial_noise":
+        if not isinstance(value, bool):
+            raise _Invalid(f"same_initial_noise must be true or false, got {_show(value)}")
         return value
     raise _Invalid(f"unknown setting {name!r}")
 
@@ -395,7 +405,7 @@ class Story:
     def to_frames(self) -> list[Frame]:
         """The pipeline frames, styled, each carrying its negative prompt."""
         return [
-            Frame(prompt=prompt, characters=panel.characters, negative_prompt=negative)
+            Frame(prompt=prompt, characters=panel.characters, negative_prompt=negative, regions=panel.regions)
             for panel, (prompt, negative) in zip(self.panels, self.styled_prompts())
         ]
 
@@ -473,6 +483,17 @@ def _panel(
     except FrameSyntaxError as error:
         raise where.error(str(error)) from None
     return Panel(index, text, parsed.prompt, parsed.characters, parsed.caption, where.line, where.source)
+
+
+def _regions(value: Any, panel: Panel, source: str, nodes: Any, index: int) -> dict[str, Box]:
+    """A frame's `regions:` mapping (character -> [x0, y0, x1, y1]), checked against the characters it names."""
+    where = _Where(source, nodes.item_line("frames", index), f"frames[{index}].regions")
+    if not isinstance(value, Mapping) or not value:
+        raise where.error(f"regions must map each character the frame names to [x0, y0, x1, y1], got {_show(value)}")
+    try:
+        return check_regions({str(name): box for name, box in value.items()}, panel.characters)
+    except FrameSyntaxError as error:
+        raise where.error(f"frame {index + 1}: {error}") from None
 
 
 def _parse_frame_line(index: int, line: str, characters: Mapping[str, Character], where: _Where) -> Panel:
@@ -691,13 +712,16 @@ def _panels_from_value(value: Any, characters: Mapping[str, Character], nodes: _
                 raise where.error("the frame is empty (or a // comment); remove it or use a YAML # comment")
             panels.append(_parse_frame_line(i, line, characters, where))
         elif isinstance(item, Mapping):
-            _check_keys(item, ("prompt", "caption"), ("prompt",), where)
+            _check_keys(item, ("prompt", "caption", "regions"), ("prompt",), where)
             prompt, caption = item["prompt"], item.get("caption")
             if not isinstance(prompt, str):
                 raise where.error(f"prompt must be text, got {_show(prompt)}")
             if caption is not None and not isinstance(caption, str):
                 raise where.error(f"caption must be text, got {_show(caption)}")
-            panels.append(_panel(i, prompt.strip(), prompt, caption, characters, where))
+            panel = _panel(i, prompt.strip(), prompt, caption, characters, where)
+            if "regions" in item:
+                panel = dataclasses.replace(panel, regions=_regions(item["regions"], panel, source, nodes, i))
+            panels.append(panel)
         else:
             hint = '; quote lines that start with a tag: - "[Bob] at home"' if isinstance(item, list) else ""
             raise where.error(f"a frame is a frame line or {{prompt, caption}}, got {_show(item)}{hint}")

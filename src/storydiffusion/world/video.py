@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.world import render as world
 from storydiffusion.world.models import TINY_CLIP_DIR, TINY_DIR
 
@@ -179,7 +180,7 @@ def tiny_image_encoder():
     """The tiny CLIP's vision tower with its projection, as a `CLIPVisionModelWithProjection`."""
     from transformers import CLIPModel, CLIPVisionModelWithProjection
 
-    clip = CLIPModel.from_pretrained(TINY_CLIP_DIR, torch_dtype=torch.float32)
+    clip = CLIPModel.from_pretrained(TINY_CLIP_DIR, **dtype_kwargs(torch.float32, "transformers"))
     config = clip.config.vision_config
     config.projection_dim = clip.config.projection_dim  # the vision sub-config keeps a default of its own
     encoder = CLIPVisionModelWithProjection(config)
@@ -230,11 +231,13 @@ def fresh_tiny_transition_pipeline(
 
     folder = Path(image_model)
     torch.manual_seed(seed)
-    image_unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    image_unet = UNet2DConditionModel.from_pretrained(folder / "unet", **dtype_kwargs(torch.float32))
     adapter = motion_adapter_for(image_unet, motion_num_attention_heads=4, motion_max_seq_length=16)
     pipe = TransitionPipeline(
-        vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32),
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32),
+        vae=AutoencoderKL.from_pretrained(folder / "vae", **dtype_kwargs(torch.float32)),
+        text_encoder=CLIPTextModel.from_pretrained(
+            folder / "text_encoder", **dtype_kwargs(torch.float32, "transformers")
+        ),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         unet=transition_unet(image_unet, adapter, map_channels if grid else 0),
         scheduler=DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler"),

@@ -12,11 +12,11 @@ Metrics per arm, averaged over clips:
   the VAE's reconstruction of the empty scene, the truth with the rendered one;
 - `identity_agreement`: pairwise agreement of the attribute classifier's identity attributes across a
   clip's frames (`world_classifier.agreement`);
-- `lpips_first` / `lpips_frames`: an LPIPS-style perceptual distance of every frame to the first / of
-  consecutive frames. The `lpips` package needs ImageNet weights fetched at run time, so the stand-in
-  is LPIPS's recipe on the tiny world's own CNN: the attribute classifier's conv features at every
-  scale, unit-normalised over channels, squared differences averaged over positions and scales (no
-  learned per-channel weights);
+- `feature_distance_first` / `feature_distance_frames`: a perceptual distance of every frame to the
+  first / of consecutive frames — not LPIPS: the `lpips` package needs ImageNet weights fetched at run
+  time, so this is LPIPS's recipe on the tiny world's own CNN: the attribute classifier's conv features
+  at every scale, unit-normalised over channels, squared differences averaged over positions and scales
+  (no learned per-channel weights). Its values are not comparable with published LPIPS figures;
 - `clipsim_first` / `clipsim_frames`: CLIP image-embedding cosine similarity, same pairs, tiny CLIP
   by default (any CLIPModel through `clip_model`).
 `ground_truth` scores the true frames the same way, for scale.
@@ -41,7 +41,14 @@ from storydiffusion.world.models import TINY_CLIP_DIR
 from storydiffusion.world.video import held_out_clips, trajectory_error
 
 ARMS = ("smp", "linear_embedding", "latent_interpolation")
-METRICS = ("trajectory_error", "identity_agreement", "lpips_first", "lpips_frames", "clipsim_first", "clipsim_frames")
+METRICS = (
+    "trajectory_error",
+    "identity_agreement",
+    "feature_distance_first",
+    "feature_distance_frames",
+    "clipsim_first",
+    "clipsim_frames",
+)
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,7 @@ def perceptual_features(classifier: AttributeClassifier, images: Sequence[Image.
 
 
 def perceptual_distance(features: list[torch.Tensor], i: int, j: int) -> float:
-    """LPIPS-style distance between images i and j of one `perceptual_features` batch."""
+    """Feature distance (LPIPS's recipe, the world classifier's features) of images i and j of one batch."""
     return float(np.mean([((f[i] - f[j]) ** 2).sum(0).mean().item() for f in features]))
 
 
@@ -81,8 +88,8 @@ def clip_metrics(
     return {
         "trajectory_error": trajectory_error(frames, truth, background, frames_background),
         "identity_agreement": agreement(classifier.predict(list(frames))),
-        "lpips_first": float(np.mean([perceptual_distance(features, 0, k) for k in range(1, count)])),
-        "lpips_frames": float(np.mean([perceptual_distance(features, k, k + 1) for k in range(count - 1)])),
+        "feature_distance_first": float(np.mean([perceptual_distance(features, 0, k) for k in range(1, count)])),
+        "feature_distance_frames": float(np.mean([perceptual_distance(features, k, k + 1) for k in range(count - 1)])),
         "clipsim_first": float((embeds[1:] @ embeds[0]).mean()),
         "clipsim_frames": float((embeds[1:] * embeds[:-1]).sum(-1).mean()),
     }
