@@ -82,6 +82,12 @@ def parse_args() -> argparse.Namespace:
         "--figure-weight", type=float, default=4.0, help="latent pixels on a figure weigh 1 + this in the loss"
     )
     p.add_argument(
+        "--part-colour-weight",
+        type=float,
+        default=0.5,
+        help="weight of the loss on each figure part's mean predicted clean latent (wt.part_mean_loss)",
+    )
+    p.add_argument(
         "--clean-sibling",
         type=float,
         default=0.25,
@@ -338,6 +344,11 @@ def main() -> None:
         error = F.mse_loss(prediction, target, reduction="none").mean(1, keepdim=True)  # (B, 1, 16, 16)
         per_panel = (weights * error).flatten(1).sum(1) / weights.flatten(1).sum(1)
         loss = (wt.min_snr_weights(noise_scheduler, timesteps) * per_panel).mean()
+        if args.part_colour_weight > 0:
+            predicted_clean = wt.clean_from_velocity(noise_scheduler, noisy, prediction, timesteps)
+            part_colour = wt.part_mean_loss(predicted_clean, latents, parts[256])
+            loss = loss + args.part_colour_weight * part_colour
+            running.setdefault("colour", []).append(part_colour.item())
         part_losses = [loss for processor in joint for loss in processor.part_losses]
         if part_losses:
             part_loss = torch.stack(part_losses).mean()

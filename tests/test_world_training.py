@@ -103,3 +103,33 @@ def test_latent_shard_holds_part_labels_aligned_with_its_panels():
     assert (shard["group_parts_16"] >= 0).flatten(2).any(-1).all()
     again = wt.sample_group(np.random.default_rng(7), omit_probability=wt.IDENTITY_FREE)
     assert torch.equal(shard["group_parts_16"][0], wt.panel_part_labels(again, 16))
+
+
+def test_clean_latents_from_the_velocity_target():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(**wt.TINY_NOISE_SCHEDULE)
+    clean, noise = torch.randn(3, 4, 16, 16), torch.randn(3, 4, 16, 16)
+    timesteps = torch.tensor([10, 500, 990])
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    velocity = scheduler.get_velocity(clean, noise, timesteps)
+    torch.testing.assert_close(wt.clean_from_velocity(scheduler, noisy, velocity, timesteps), clean, atol=1e-4, rtol=0)
+
+
+def test_part_mean_loss_sees_a_part_colour_and_not_its_detail():
+    torch.manual_seed(0)
+    clean = torch.randn(2, 4, 4, 4)
+    labels = torch.full((2, 16), -1)
+    labels[:, :4] = 4  # the shirt: the first row of tokens
+    labels[:, 4:6] = 1  # the hair
+    assert wt.part_mean_loss(clean, clean, labels) == 0
+    detail = clean.clone()
+    detail[:, :, 0, :2] += 1.0
+    detail[:, :, 0, 2:] -= 1.0  # the shirt's tokens change, its mean does not
+    assert wt.part_mean_loss(detail, clean, labels) < 1e-10
+    recoloured = clean.clone()
+    recoloured[:, 0, 0, :] += 1.0  # the whole shirt shifts in one channel
+    assert wt.part_mean_loss(recoloured, clean, labels).item() == pytest.approx(1.0 / 4 / 2)  # 1 of 4 ch, 1 of 2 parts
+    background = clean.clone()
+    background[:, :, 3, :] += 5.0  # unlabelled tokens do not count
+    assert wt.part_mean_loss(background, clean, labels) < 1e-10

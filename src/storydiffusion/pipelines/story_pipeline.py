@@ -124,8 +124,8 @@ def frame_seed(seed: int, index: int, same_initial_noise: bool = False) -> int:
 
 
 def unet_fingerprint(unet: Any) -> str:
-    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short hash of the UNet's public config: same architecture and layer names."""
+    return hashlib.sha256(json.dumps(public_config(unet.config), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def public_config(config: Any) -> dict[str, Any]:

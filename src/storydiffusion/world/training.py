@@ -570,6 +570,31 @@ def install_joint_attention(unet: UNet2DConditionModel) -> list[JointPanelAttnPr
     return joint
 
 
+def clean_from_velocity(
+    scheduler, noisy: torch.Tensor, velocity: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The clean latents a v-prediction implies: x0 = sqrt(a) x_t - sqrt(1 - a) v."""
+    alphas = scheduler.alphas_cumprod.to(noisy.device)[timesteps].view(-1, 1, 1, 1)
+    return alphas.sqrt() * noisy - (1 - alphas).sqrt() * velocity
+
+
+def part_mean_loss(predicted: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Squared error of each figure part's mean latent (predicted vs true clean latents), averaged over the
+    parts each panel shows. predicted, clean (B, C, H, W); labels (B, H*W) part per token, -1 none.
+
+    A part's mean colour is what identity consistency is about, and at high noise a panel can only predict it
+    from the other panels of its group: the per-token loss buries that signal under unpredictable detail."""
+    num_parts = len(world.FIGURE_PARTS)
+    onehot = F.one_hot(labels.clamp_min(0), num_parts).float() * (labels >= 0).float()[..., None]  # (B, N, P)
+    counts = onehot.sum(1)  # (B, P)
+    flat_pred, flat_clean = predicted.flatten(2), clean.flatten(2)  # (B, C, N)
+    mean_pred = flat_pred @ onehot / counts.clamp_min(1)[:, None]  # (B, C, P)
+    mean_clean = flat_clean @ onehot / counts.clamp_min(1)[:, None]
+    present = (counts > 0).float()  # (B, P)
+    error = (mean_pred - mean_clean).pow(2).mean(1)  # (B, P)
+    return (error * present).sum() / present.sum().clamp_min(1)
+
+
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     """Min-SNR-gamma loss weights for v-prediction: min(SNR, gamma) / (SNR + 1)."""
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
