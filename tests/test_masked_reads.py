@@ -206,3 +206,32 @@ def test_two_character_frame_infers_its_masks(any_pipe):
     assert {k: type(p) for k, p in any_pipe.unet.attn_processors.items()} == {
         k: type(p) for k, p in processors.items()
     }  # the recorders are gone after the call
+
+
+# -- subject-only sharing --------------------------------------------------------------------------
+def test_subject_only_lends_tokens_from_inside_the_masks():
+    controller = ConsistentAttention(CSAConfig(subject_only=True))
+    controller.mode, controller.num_steps, controller.images_per_call = "mutual", 4, 2
+    controller.generator = torch.Generator().manual_seed(0)
+    controller.subject_maps = object()  # masks are set by hand below instead of inferred
+    controller.read_masks = ({}, {})  # as `_start_subject_maps` leaves them: no maps yet
+    assert controller.mutual_indices(2, 16, 0.5) is None  # no mask yet: nothing is lent
+    left = {"Bob": box_mask((0.0, 0.0, 0.5, 1.0), (4, 4))}
+    top = {"Bob": box_mask((0.0, 0.0, 1.0, 0.25), (4, 4))}
+    controller.read_masks = (left, top)
+    indices = controller.mutual_indices(2, 16, 0.5)
+    assert indices.shape == (2, 2)  # half of the smaller mask (4 tokens)
+    assert all(left["Bob"].flatten()[i] for i in indices[0]) and all(top["Bob"].flatten()[i] for i in indices[1])
+
+
+def test_subject_only_story_keeps_a_smaller_bank(sd_pipe):
+    frames = ["[Bob] at home", "[Bob] on a bus", "[Bob] sleeps"]
+    chars = {"Bob": "a man with red hair"}
+    everything = StoryPipeline(sd_pipe, ALWAYS)(chars, frames, id_length=2, **RUN)
+    subject = StoryPipeline(sd_pipe, CSAConfig(schedule=CSASchedule.always(), subject_only=True))
+    only = subject(chars, frames, id_length=2, **RUN)
+    plain = StoryPipeline(sd_pipe, CSAConfig(rate=0.0))(chars, frames, id_length=2, **RUN)
+    assert 0 < only.banks["Bob"].nbytes < everything.banks["Bob"].nbytes
+    assert not np.allclose(only.images[2], plain.images[2])  # its frames still read the (smaller) bank
+    with pytest.raises(StoryDiffusionError, match="does not contain"):
+        subject(chars, [Frame("someone at home", ("Bob",)), *frames[1:]], id_length=2, **RUN)

@@ -91,6 +91,9 @@ class CSAConfig:
     subject_masks: str = "infer"
     mask_until: float = 0.3  # fraction of the loop during which the inferred masks are refreshed, then kept
     mask_dilation: int = 1  # tokens the thresholded masks grow by
+    # Reference phase: lend (and store in the bank) only tokens inside each reference image's subject mask,
+    # inferred like the frame masks: a smaller bank, and backgrounds and layouts left free (ConsiStory).
+    subject_only: bool = False
 
     def __post_init__(self) -> None:
         if self.subject_masks not in ("infer", "off"):
@@ -287,10 +290,9 @@ class ConsistentSelfAttnProcessor(WrappingProcessor):
         per_half = split_guidance(tokens, halves)  # (halves, B, N, C)
         num_images, num_tokens = per_half.shape[1], per_half.shape[2]
         if ctrl.mode == "mutual":
-            num_samples = num_sampled_tokens(num_tokens, self.rate)
-            if num_samples == 0:
+            indices = ctrl.mutual_indices(num_images, num_tokens, self.rate)  # (B, k) or None
+            if indices is None:
                 return None
-            indices = ctrl.sample_indices(num_images, num_tokens, num_samples)  # (B, k)
             if ctrl.writes:
                 ctrl.write(self.name, gather_tokens(per_half, indices).flatten(1, 2))  # (halves, B*k, C)
             if num_images < 2:

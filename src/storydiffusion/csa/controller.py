@@ -24,6 +24,7 @@ from storydiffusion.csa.attention import (
     CSAConfig,
     bank_read_mask,
     layer_level,
+    num_sampled_tokens,
     sample_token_indices,
 )
 from storydiffusion.csa.bank import IdentityBank
@@ -163,16 +164,27 @@ class ConsistentAttention:
         images_per_call: int,
         generator: torch.Generator,
         bank: IdentityBank | None = None,
+        subject_tokens: Sequence[Mapping[str, Sequence[int]]] | None = None,
+        frame_shape: tuple[int, int] | None = None,
     ) -> None:
         """Reference phase: the `images_per_call` images of each call share tokens; optionally fill `bank`.
 
         `timesteps`: the loop's distinct timesteps (`denoising_timesteps`); each UNet call's step is the
         position of its timestep there. A number of steps instead leaves the step to `set_step`.
+        With `config.subject_only`, `subject_tokens` (per image, the character's description token
+        positions) and the latent `frame_shape`: only tokens inside each image's inferred subject mask are
+        lent and stored; nothing is lent until the first maps exist.
         """
         self._begin("mutual", timesteps, images_per_call)
         self.generator = generator
         self.write_bank = bank
         self.gates = self.draw_gates(self.num_steps, generator)
+        if self.config.subject_only:
+            if subject_tokens is None or frame_shape is None or len(subject_tokens) != images_per_call:
+                raise StoryDiffusionError(
+                    "CSAConfig(subject_only=True) needs subject_tokens (one mapping per image) and the frame_shape"
+                )
+            self._start_subject_maps(subject_tokens, frame_shape)
 
     def begin_read(
         self,
@@ -207,9 +219,7 @@ class ConsistentAttention:
         elif subject_tokens is not None and banks:
             if len(subject_tokens) != images_per_call or frame_shape is None:
                 raise StoryDiffusionError("subject_tokens needs one mapping per image and the frame_shape")
-            self.subject_maps = SubjectMaps(subject_tokens, frame_shape)
-            self.read_masks = tuple({} for _ in subject_tokens)  # no maps yet: nothing is read
-            self._install_recorders()
+            self._start_subject_maps(subject_tokens, frame_shape)
 
     def _begin(self, mode: Mode, timesteps: Sequence[float] | int, images_per_call: int) -> None:
         if not self.is_installed:
@@ -260,13 +270,34 @@ class ConsistentAttention:
             self._owner_cache.clear()
         return None
 
+    def _start_subject_maps(self, subject_tokens: Sequence[Mapping[str, Sequence[int]]], frame_shape) -> None:
+        self.subject_maps = SubjectMaps(subject_tokens, frame_shape)
+        self.read_masks = tuple({} for _ in subject_tokens)  # no maps yet: nothing is read or lent
+        self._install_recorders()
+
+    def mutual_indices(self, num_images: int, num_tokens: int, rate: float) -> torch.Tensor | None:
+        """(B, k) tokens each image lends at this call: `rate` of its tokens, or with `config.subject_only`
+        `rate` of the smallest subject mask's tokens, drawn inside each image's mask; None: nothing lent."""
+        if self.subject_maps is None:
+            num_samples = num_sampled_tokens(num_tokens, rate)
+            return self.sample_indices(num_images, num_tokens, num_samples) if num_samples else None
+        inside = torch.stack(
+            [self._query_owner(image_masks, num_tokens) >= 0 for image_masks in self.read_masks]
+        )  # (B, N), with read_banks empty: any mask counts
+        num_samples = num_sampled_tokens(int(inside.sum(1).min()), rate)
+        if num_samples == 0:
+            return None
+        scores = torch.rand(num_images, num_tokens, generator=self.generator, device=self.generator.device)
+        scores = scores.cpu().masked_fill(~inside, -1.0)  # tokens outside the mask are never drawn
+        return scores.topk(num_samples, dim=1).indices.sort(dim=1).values
+
     def _refreshing_masks(self) -> bool:
         """Whether this step still records subject maps (the first `config.mask_until` of the loop, at least one)."""
         return self.step <= max(1, round(self.config.mask_until * self.num_steps))
 
     def recording_maps(self) -> SubjectMaps | None:
         """The maps the cross-attention recorders add to at this step, or None when they should not."""
-        if self.mode != "read" or self.subject_maps is None or not self._refreshing_masks():
+        if self.mode == "off" or self.subject_maps is None or not self._refreshing_masks():
             return None
         return self.subject_maps
 
@@ -335,7 +366,7 @@ class ConsistentAttention:
         size = grid_shape(num_tokens, next(iter(image_masks.values())).shape)
         order = [bank.character for bank in self.read_banks]
         for name, mask in exclusive({name: resize_mask(m, size) for name, m in image_masks.items()}).items():
-            owner[mask.flatten()] = order.index(name)
+            owner[mask.flatten()] = order.index(name) if name in order else 0
         return owner
 
     def read(self, layer: str, halves: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:

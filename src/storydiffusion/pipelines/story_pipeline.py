@@ -444,10 +444,12 @@ class StoryPipeline:
         ):
             # 3. Reference phase: each character's references together, mutual CSA, bank written
             character_order = list(characters)
+            latent_size = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
             for name, indices in references.items():
                 bank = IdentityBank(name, settings, self.bank_dtype, self.bank_device)
                 sampler = torch.Generator().manual_seed(derived_seed(seed, 1, character_order.index(name)))
-                self.csa.begin_mutual(timesteps, len(indices), sampler, bank)
+                subjects = self.reference_subject_tokens([infos[i] for i in indices], name, characters)
+                self.csa.begin_mutual(timesteps, len(indices), sampler, bank, subjects, latent_size)
                 self._generate(indices, infos, images, common, on_frame, control_images)
                 banks[name] = bank
                 if on_bank is not None:
@@ -456,7 +458,6 @@ class StoryPipeline:
 
             # 4. Frame phase: the rest, reading the banks of the characters they name
             rest = [infos[i] for i in todo if i not in reference_of]
-            latent_size = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
             for indices in self._frame_batches(rest, frame_batch_size, resolved):
                 named = infos[indices[0]].characters
                 masks = self.region_masks([resolved[i] for i in indices], latent_size)
@@ -512,6 +513,22 @@ class StoryPipeline:
         if all(frame.regions is None for frame in frames):
             return None
         return [{name: box_mask(box, latent_size) for name, box in (frame.regions or {}).items()} for frame in frames]
+
+    def reference_subject_tokens(
+        self, infos: Sequence[FrameInfo], name: str, characters: Mapping[str, str]
+    ) -> list[dict[str, list[int]]] | None:
+        """With `CSAConfig.subject_only`: per reference frame, the character's description token positions."""
+        if not self.csa.config.subject_only:
+            return None
+        tokens = [{name: phrase_positions(self.pipe.tokenizer, info.prompt, characters[name])} for info in infos]
+        for info, positions in zip(infos, tokens):
+            if not positions[name]:
+                raise StoryDiffusionError(
+                    f"CSAConfig(subject_only=True): frame {info.index} ({info.prompt!r}) does not contain "
+                    f"{name!r}'s description {characters[name]!r}, so its subject cannot be found; write the "
+                    f"frame with [{name}] or turn subject_only off"
+                )
+        return tokens
 
     def subject_tokens(
         self, infos: Sequence[FrameInfo], characters: Mapping[str, str]
