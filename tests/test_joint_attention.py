@@ -1,0 +1,172 @@
+"""CSA on Flux's joint attention: against a dense masked formulation, and exactly plain when off."""
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.embeddings import apply_rotary_emb
+
+from storydiffusion.csa.attention import sample_token_indices
+from storydiffusion.csa.joint import FluxConsistentAttnProcessor
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TEXT, SIDE, IMAGES = 5, 4, 3  # text tokens, image tokens per side (16), reference images
+
+
+class Controller:
+    """The part of `ConsistentAttention` a processor asks: mutual mode, every call gated on."""
+
+    mode = "mutual"
+    text_tokens = TEXT
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def wants_csa(self, name: str) -> bool:
+        return True
+
+    def guidance_halves(self, batch: int) -> int:
+        return batch // IMAGES
+
+    def sample_indices(self, images: int, tokens: int, samples: int) -> torch.Tensor:
+        return sample_token_indices(images, tokens, samples, self.generator)
+
+
+@pytest.fixture
+def flux():
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+    return model.eval()
+
+
+def inputs(generator_seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(generator_seed)
+    ids = torch.stack(torch.meshgrid(torch.arange(SIDE), torch.arange(SIDE), indexing="ij"), -1).flatten(0, 1)
+    return {
+        "hidden_states": torch.randn(IMAGES, SIDE * SIDE, 4, generator=g),
+        "encoder_hidden_states": torch.randn(IMAGES, TEXT, 16, generator=g),
+        "pooled_projections": torch.randn(IMAGES, 8, generator=g),
+        "timestep": torch.full((IMAGES,), 0.5),
+        "img_ids": torch.cat([torch.zeros(SIDE * SIDE, 1), ids.float()], -1),
+        "txt_ids": torch.zeros(TEXT, 3),
+    }
+
+
+def install(model, rate: float, **options) -> Controller:
+    controller = Controller()
+    model.set_attn_processor(
+        {
+            name: FluxConsistentAttnProcessor(name, rate, controller, processor, **options)
+            for name, processor in model.attn_processors.items()
+        }
+    )
+    return controller
+
+
+def test_rate_zero_is_exactly_the_plain_transformer(flux):
+    with torch.no_grad():
+        plain = flux(**inputs()).sample
+        install(flux, 0.0)
+        assert torch.equal(flux(**inputs()).sample, plain)
+        install(flux, 0.5)
+        assert not torch.allclose(flux(**inputs()).sample, plain)
+
+
+def _attention_inputs(flux):
+    """A double-stream block's attention module with its inputs, as the block hands them over."""
+    block, data = flux.transformer_blocks[0], inputs()
+    attn = block.attn
+    hidden = torch.randn(IMAGES, SIDE * SIDE, attn.query_dim)
+    text = torch.randn(IMAGES, TEXT, attn.query_dim)
+    rotary = flux.pos_embed(torch.cat([data["txt_ids"], data["img_ids"]], 0))
+    return attn, hidden, text, rotary
+
+
+def dense_reference(attn, hidden, text, rotary, indices, positions, text_sees_borrowed):
+    """For each image: keys of every image's joint sequence side by side, a mask picking its own sequence and
+    the other images' sampled image tokens (for its image queries, and its text queries if allowed)."""
+    q, k, v, _, _, _ = _plain_qkv(attn, hidden, text)
+    qr, kr = (apply_rotary_emb(t, rotary, sequence_dim=1) for t in (q, k))
+    lent = k if positions == "none" else kr
+    seq, out = TEXT + SIDE * SIDE, []
+    for i in range(IMAGES):
+        keys = torch.cat([kr[i] if j == i else lent[j] for j in range(IMAGES)])  # (IMAGES*S, H, D)
+        values = torch.cat([v[j] for j in range(IMAGES)])
+        mask = torch.zeros(seq, IMAGES * seq, dtype=torch.bool)
+        mask[:, i * seq : (i + 1) * seq] = True
+        for j in range(IMAGES):
+            if j != i:
+                mask[TEXT if not text_sees_borrowed else 0 :, j * seq + TEXT + indices[j]] = True
+        scores = torch.einsum("shd,thd->hst", qr[i], keys) * attn.head_dim**-0.5
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        out.append(torch.einsum("hst,thd->shd", weights, values))
+    return torch.stack(out).flatten(2)  # (B, S, H*D)
+
+
+def _plain_qkv(attn, hidden, text):
+    unflat = (-1, attn.head_dim)
+    q = attn.norm_q(attn.to_q(hidden).unflatten(-1, unflat))
+    k = attn.norm_k(attn.to_k(hidden).unflatten(-1, unflat))
+    v = attn.to_v(hidden).unflatten(-1, unflat)
+    tq = attn.norm_added_q(attn.add_q_proj(text).unflatten(-1, unflat))
+    tk = attn.norm_added_k(attn.add_k_proj(text).unflatten(-1, unflat))
+    tv = attn.add_v_proj(text).unflatten(-1, unflat)
+    return torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1), tq, tk, tv
+
+
+@pytest.mark.parametrize("positions", ["source", "none"])
+@pytest.mark.parametrize("text_sees_borrowed", [False, True])
+def test_double_stream_csa_equals_the_dense_formulation(flux, positions, text_sees_borrowed):
+    attn, hidden, text, rotary = _attention_inputs(flux)
+    processor = FluxConsistentAttnProcessor("b0", 0.5, Controller(), attn.processor, positions, text_sees_borrowed)
+    indices = sample_token_indices(IMAGES, SIDE * SIDE, 8, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        image_out, text_out = processor(attn, hidden, text, image_rotary_emb=rotary)
+        joint = dense_reference(attn, hidden, text, rotary, indices, positions, text_sees_borrowed)
+        torch.testing.assert_close(image_out, attn.to_out[1](attn.to_out[0](joint[:, TEXT:])), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(text_out, attn.to_add_out(joint[:, :TEXT]), atol=1e-5, rtol=1e-4)
+
+
+def test_text_tokens_are_untouched_unless_they_may_see_borrowed_keys(flux):
+    attn, hidden, text, rotary = _attention_inputs(flux)
+    with torch.no_grad():
+        _, plain_text = attn.processor(attn, hidden, text, image_rotary_emb=rotary)
+        _, masked_text = FluxConsistentAttnProcessor("b0", 0.5, Controller(), attn.processor)(
+            attn, hidden, text, image_rotary_emb=rotary
+        )
+        _, open_text = FluxConsistentAttnProcessor("b0", 0.5, Controller(), attn.processor, text_sees_borrowed=True)(
+            attn, hidden, text, image_rotary_emb=rotary
+        )
+    torch.testing.assert_close(masked_text, plain_text, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(open_text, plain_text)
+
+
+def test_single_stream_block_borrows_only_image_tokens(flux):
+    """A single-stream block gets [text ; image] as one sequence; the text length comes from the controller."""
+    attn = flux.single_transformer_blocks[0].attn
+    data = inputs()
+    rotary = flux.pos_embed(torch.cat([data["txt_ids"], data["img_ids"]], 0))
+    joint = torch.randn(IMAGES, TEXT + SIDE * SIDE, attn.query_dim)
+    with torch.no_grad():
+        plain = attn.processor(attn, joint, image_rotary_emb=rotary)
+        ours = FluxConsistentAttnProcessor("s0", 0.5, Controller(), attn.processor)(
+            attn, joint, image_rotary_emb=rotary
+        )
+    assert ours.shape == plain.shape
+    torch.testing.assert_close(ours[:, :TEXT], plain[:, :TEXT], atol=1e-6, rtol=1e-5)  # text queries unchanged
+    assert not torch.allclose(ours[:, TEXT:], plain[:, TEXT:])
+
+
+def test_the_two_position_choices_differ(flux):
+    attn, hidden, text, rotary = _attention_inputs(flux)
+    with torch.no_grad():
+        source, _ = FluxConsistentAttnProcessor("b0", 0.5, Controller(), attn.processor, "source")(
+            attn, hidden, text, image_rotary_emb=rotary
+        )
+        none, _ = FluxConsistentAttnProcessor("b0", 0.5, Controller(), attn.processor, "none")(
+            attn, hidden, text, image_rotary_emb=rotary
+        )
+    assert not torch.allclose(source, none)
