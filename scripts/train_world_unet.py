@@ -5,30 +5,43 @@ panels) conditioned on the tiny CLIP's text encoder (frozen, captions padded to 
 pipelines do), trained with v-prediction on a cosine schedule, min-SNR-5 loss weights, 10% caption
 dropout for classifier-free guidance and an EMA of the weights.
 
-Data: latent shards made by `scripts/render_world_latents.py` (run it beside this script; new shards
-are picked up as they appear). Each step is either 16 single panels (a quarter of them scenes alone
-or pairs of characters) or 16 // P groups of P = 2, 3 or 4 panels of one character, with one timestep
-per group. During group steps every self-attention layer lets each panel see a random share (0.5-1)
-of the other panels' tokens (`world_training.JointPanelAttnProcessor`) -- what a multi-panel comic
-canvas teaches a real model, with panel-local convolutions so that keeping the character has to go
-through self-attention. Captions leave identity attributes out independently per panel, so a panel
-often has to take them from the others.
+Design (the instrument issue): cross-image attention is the *only* way to keep a character.
+- Captions name only the kind, pose and scene (`world_training.IDENTITY_FREE`), never hair, skin, shirt,
+  trousers or hats: a lone panel's look is the model's free draw.
+- Each step is 16 single panels (a quarter scenes alone or pairs) or 16 // P groups of P = 2-4 panels of
+  one character, whose self-attention layers see a random share (0.5-1) of each other's tokens
+  (`world_training.JointPanelAttnProcessor`); convolutions never cross panels. In `--clean-sibling` of
+  the group steps one panel per group is nearly clean (t < 100), the clearest thing to copy from.
+- The joint attention is supervised with the renderer's part maps (`--part-weight`,
+  `world_training.part_matching_loss`): a labelled query's head-mean attention over the other panels'
+  tokens is pulled onto tokens of the same part (hair, face, shirt, trousers/skirt, ...).
+- Figure pixels weigh 1 + `--figure-weight` in the diffusion loss, and `--part-colour-weight` adds the
+  error of each part's *mean* predicted clean latent (`world_training.part_mean_loss`): the colour a
+  panel can only get right at high noise by looking at its siblings.
+- Every `--signal-every` steps the EMA model denoises the same held-out groups at fixed noise and
+  timesteps with the other panels visible and alone; `siblings.gain` is the relative v-MSE drop on the
+  figures' own pixels (what the siblings give).
 
-    python scripts/train_world_unet.py --steps 6000 --threads 1            # --resume to continue
-    python scripts/train_world_unet.py --export                            # checkpoint -> pipeline folder
-    python scripts/train_world_unet.py --init src/storydiffusion/assets/tiny/unet    # on from the shipped weights
+Data: latent shards with part labels made by `scripts/render_world_latents.py` (run it beside this
+script; new shards are picked up as they appear).
+
+    python scripts/render_world_latents.py --shards 120 --threads 1 &
+    python scripts/train_world_unet.py --init src/storydiffusion/assets/tiny/unet --steps 12000 --lr 5e-4 --warmup 100
+    python scripts/train_world_unet.py --resume ...                       # continue from --checkpoint
+    python scripts/train_world_unet.py --export                           # checkpoint -> pipeline folder
 
 Export writes `--out` (default src/storydiffusion/assets/tiny) as a `StableDiffusionPipeline` folder:
 unet/ (EMA weights, fp16), text_encoder/ + tokenizer/ (from the tiny CLIP), vae/ (the tiny VAE),
 scheduler/ (DPM-Solver++ on the training schedule) and model_index.json.
 
-Shipped run (src/storydiffusion/assets/tiny): 68 latent shards (22 min on one thread), then 4,500
-steps (`--steps 5000`, stopped and resumed with `--threads 2 --steps 4500` at step 1,600) and 3,000 more
-(`--steps 10000 --resume`, stopped at 7,500 for the export): 88 min of wall time in all on a 2-core
-CPU shared with the CLIP/classifier trainers, ~0.55 s a step on 2 threads, ~0.85 s on one. 5.8 M
-parameters, 11.5 MB fp16. Final training loss (v-MSE) ~0.22. It is undertrained: scenes come out
-right, figures are rough and the model has not yet learned to keep a character across the panels of
-a group (README, "The tiny world"); go on with `--init src/storydiffusion/assets/tiny/unet`.
+Shipped run (src/storydiffusion/assets/tiny, stop 10): 120 shards (69,120 panels, 18 min on the other
+core), then from the previous shipped UNet (git 082b2d6, trained with identity captions) with
+`--steps 12000 --lr 5e-4 --warmup 100` on one thread: steps 0-3,000 with `--clean-sibling 0.25
+--part-weight 0.05 --part-colour-weight 0`, 3,000-5,000 with `--clean-sibling 0.5 --part-weight 0.1`,
+5,000-9,200 adding `--part-colour-weight 0.5` (the defaults below), stopped at 9,200 for the export:
+135 min of wall time, ~0.75-0.85 s a step. Held-out sibling gain 0.033 -> 0.074 (step 5,000) -> 0.089.
+5.8 M parameters, 11.5 MB fp16. Not yet at the instrument's gate (README, "The tiny world"); go on with
+`--init src/storydiffusion/assets/tiny/unet`.
 """
 
 from __future__ import annotations
@@ -76,7 +89,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (then raise --panels)")
     p.add_argument("--data", default="/tmp/world_latents_idfree", help="folder of latent shards (with part labels)")
     p.add_argument(
-        "--part-weight", type=float, default=0.05, help="weight of the part-matching loss on the joint attention"
+        "--part-weight", type=float, default=0.1, help="weight of the part-matching loss on the joint attention"
     )
     p.add_argument(
         "--figure-weight", type=float, default=4.0, help="latent pixels on a figure weigh 1 + this in the loss"
@@ -90,7 +103,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--clean-sibling",
         type=float,
-        default=0.25,
+        default=0.5,
         help="share of group steps in which one panel per group is nearly clean (timestep < 100)",
     )
     p.add_argument("--signal-every", type=int, default=250, help="steps between held-out sibling-gain checks")
