@@ -68,6 +68,13 @@ class FakeController:
         assert self.indices.shape == (num_images, num_samples), (self.indices.shape, num_images, num_samples)
         return self.indices
 
+    def mutual_indices(self, num_images, num_tokens, rate):
+        num_samples = num_sampled_tokens(num_tokens, rate)
+        return self.sample_indices(num_images, num_tokens, num_samples) if num_samples else None
+
+    def read_mask(self, layer, num_tokens, device):
+        return None  # unmasked reads
+
     def write(self, layer, tokens):
         self.written.append(tokens)
 

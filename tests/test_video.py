@@ -500,7 +500,7 @@ def test_the_diffusion_loss_falls_on_a_fixed_batch(pipe):
     optimizer = torch.optim.Adam(params, lr=1e-3)
     losses = []
     try:
-        for _ in range(8):
+        for _ in range(16):
             generator = torch.Generator().manual_seed(0)  # the same noise and timesteps: a fixed objective
             loss = diffusion_loss(unet, pipe.motion_predictor, schedule, batch, generator, caption_dropout=0.0)
             optimizer.zero_grad()
