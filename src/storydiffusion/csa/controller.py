@@ -281,9 +281,10 @@ class ConsistentAttention:
         if self.subject_maps is None:
             num_samples = num_sampled_tokens(num_tokens, rate)
             return self.sample_indices(num_images, num_tokens, num_samples) if num_samples else None
-        inside = torch.stack(
-            [self._query_owner(image_masks, num_tokens) >= 0 for image_masks in self.read_masks]
-        )  # (B, N), with read_banks empty: any mask counts
+        inside = torch.zeros(num_images, num_tokens, dtype=torch.bool)  # (B, N): in the image's subject mask
+        for image, image_masks in enumerate(self.read_masks):
+            for mask in self._grid_masks(image_masks, num_tokens).values():
+                inside[image] |= mask
         num_samples = num_sampled_tokens(int(inside.sum(1).min()), rate)
         if num_samples == 0:
             return None
@@ -358,15 +359,21 @@ class ConsistentAttention:
         bank_owner = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(counts)])
         return bank_read_mask(self._owner_cache[num_tokens], bank_owner).to(device)
 
+    @staticmethod
+    def _grid_masks(image_masks: Mapping[str, torch.Tensor], num_tokens: int) -> dict[str, torch.Tensor]:
+        """An image's masks at a layer's token grid, not overlapping, flattened: name -> (N,) bool."""
+        if not image_masks:
+            return {}
+        size = grid_shape(num_tokens, next(iter(image_masks.values())).shape)
+        resized = exclusive({name: resize_mask(mask, size) for name, mask in image_masks.items()})
+        return {name: mask.flatten() for name, mask in resized.items()}
+
     def _query_owner(self, image_masks: Mapping[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
         """(N,) index into `read_banks` of the character whose mask holds each token (-1: background)."""
         owner = torch.full((num_tokens,), -1, dtype=torch.long)
-        if not image_masks:
-            return owner
-        size = grid_shape(num_tokens, next(iter(image_masks.values())).shape)
         order = [bank.character for bank in self.read_banks]
-        for name, mask in exclusive({name: resize_mask(m, size) for name, m in image_masks.items()}).items():
-            owner[mask.flatten()] = order.index(name) if name in order else 0
+        for name, mask in self._grid_masks(image_masks, num_tokens).items():
+            owner[mask] = order.index(name)
         return owner
 
     def read(self, layer: str, halves: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
