@@ -169,7 +169,9 @@ def eval_command(
             "or a list under `stories:`; prompts in the tiny world's grammar."
         ),
     ] = None,
-    count: Annotated[int, typer.Option(min=1, help="Built-in stories to use.")] = 24,
+    count: Annotated[
+        int | None, typer.Option(min=1, help="Built-in stories to use (24; 12 with --two-characters).")
+    ] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; every story runs with each.")] = "0,1,2",
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
     guidance: Annotated[float, typer.Option(min=0.0, help="Guidance scale.")] = 4.0,
@@ -180,9 +182,17 @@ def eval_command(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
     images: Annotated[Path | None, typer.Option(help="Save every generated story as a PNG strip here.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    two_characters: Annotated[
+        bool,
+        typer.Option(
+            help="Two characters per frame: own-identity agreement and swap rate in arms baseline, unmasked, "
+            "masked and regions (12 built-in stories; --quick: 4)."
+        ),
+    ] = False,
 ) -> None:
     """Score identity consistency and prompt alignment in four arms (baseline, shared_noise, csa,
-    csa_shared_noise) and within strips; the last line printed is the JSON result."""
+    csa_shared_noise) and within strips -- or, with --two-characters, how well each of two characters in
+    one frame keeps its own look; the last line printed is the JSON result."""
     import json
 
     from storydiffusion.app.evaluate import run_eval
@@ -195,13 +205,22 @@ def eval_command(
         raise typer.BadParameter(f"--seeds {seeds!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
     if not seed_list:
         raise typer.BadParameter("--seeds is empty: give at least one seed")
+    if count is None:
+        count = 12 if two_characters else 24  # two-character stories are longer
     if quick:
-        count, seed_list = min(count, 6), seed_list[:1]
+        count, seed_list = min(count, 4 if two_characters else 6), seed_list[:1]
     csa = CSAConfig(rate=rate, layers=tuple(p.strip() for p in layers.split(",") if p.strip()))
     settings = EvalSettings(steps=steps, guidance=guidance, csa=csa, seeds=seed_list)
     started = time.perf_counter()
     result = run_eval(
-        model, settings, stories=stories, count=count, clip_model=clip_model, device=device, images_dir=images
+        model,
+        settings,
+        stories=stories,
+        count=count,
+        clip_model=clip_model,
+        device=device,
+        images_dir=images,
+        two_characters=two_characters,
     )
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

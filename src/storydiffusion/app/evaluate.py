@@ -1,5 +1,6 @@
 """`storydiffusion eval`: load the model, the classifier and the CLIP, run the tiny world's evaluation
-(`storydiffusion.world.eval`) and optionally save every generated story as a strip."""
+(`storydiffusion.world.eval`, or `storydiffusion.world.two_characters` with `--two-characters`) and
+optionally save every generated story as a strip."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from PIL import Image
 
 from storydiffusion.app.runner import RunOptions, load_story_pipeline
 from storydiffusion.world.eval import EvalSettings, EvalStory, default_stories, evaluate, load_eval_stories
+from storydiffusion.world.two_characters import PairStory
 
 
 def run_eval(
@@ -20,19 +22,24 @@ def run_eval(
     clip_model: str = "tiny",
     device: str = "auto",
     images_dir: str | Path | None = None,
+    two_characters: bool = False,
 ) -> dict[str, Any]:
-    """`storydiffusion eval`: load everything, run `evaluate`, optionally save every story as a strip."""
+    """`storydiffusion eval`: load everything, run `evaluate` (or, with `two_characters`, `evaluate_pairs` on
+    two-character stories), optionally save every story as a strip."""
     from tqdm.auto import tqdm
 
     from storydiffusion.clip_score import ClipScorer
     from storydiffusion.world.classifier import load_default_classifier
     from storydiffusion.world.models import resolve_clip
+    from storydiffusion.world.two_characters import default_pair_stories, evaluate_pairs, load_pair_stories
 
-    eval_stories = load_eval_stories(stories) if stories is not None else default_stories(count)
+    if two_characters:
+        eval_stories: list = load_pair_stories(stories) if stories is not None else default_pair_stories(count)
+    else:
+        eval_stories = load_eval_stories(stories) if stories is not None else default_stories(count)
     # The story command's loader (device, dtype, `tiny`, clear errors); each arm wraps the pipe in its own CSA.
     pipe = load_story_pipeline(model, RunOptions(device=device, progress=False), settings.csa).pipe
     classifier = load_default_classifier(pipe.device)
-    clip = ClipScorer(resolve_clip(clip_model), pipe.device)
 
     on_story = None
     if images_dir is not None:
@@ -40,7 +47,7 @@ def run_eval(
         folder.mkdir(parents=True, exist_ok=True)
         index = {id(s): i for i, s in enumerate(eval_stories)}
 
-        def on_story(arm: str, seed: int, story: EvalStory, images: list) -> None:
+        def on_story(arm: str, seed: int, story: EvalStory | PairStory, images: list) -> None:
             strip = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
             x = 0
             for image in images:
@@ -55,4 +62,7 @@ def run_eval(
             bar.n = done
             bar.refresh()
 
+        if two_characters:
+            return evaluate_pairs(pipe, eval_stories, settings, classifier, on_story=on_story, progress=progress)
+        clip = ClipScorer(resolve_clip(clip_model), pipe.device)
         return evaluate(pipe, eval_stories, settings, classifier, clip, on_story=on_story, progress=progress)

@@ -323,7 +323,7 @@ def check_stories(stories: Sequence[Story]) -> list[EvalStory]:
     return [EvalStory.from_story(story) for story in stories]
 
 
-def load_eval_stories(path: str | Path) -> list[EvalStory]:
+def read_stories_file(path: str | Path) -> list[Story]:
     """Stories from a file: one story (the story file schema) or `stories: [story, ...]`."""
     import yaml
 
@@ -336,7 +336,10 @@ def load_eval_stories(path: str | Path) -> list[EvalStory]:
         entries = data["stories"]
         if not isinstance(entries, list) or not entries:
             raise StoryFormatError("`stories` must be a non-empty list of stories", str(path), None, "stories")
-        parsed = [Story.from_dict(entry, source=f"{path} (story {i + 1})") for i, entry in enumerate(entries)]
-    else:
-        parsed = [Story.from_file(path)]
-    return check_stories(parsed)
+        return [Story.from_dict(entry, source=f"{path} (story {i + 1})") for i, entry in enumerate(entries)]
+    return [Story.from_file(path)]
+
+
+def load_eval_stories(path: str | Path) -> list[EvalStory]:
+    """One-character eval stories from a file (`read_stories_file`), each checked by `EvalStory`."""
+    return check_stories(read_stories_file(path))
