@@ -85,4 +85,4 @@ def test_unreadable_files_are_refused(tmp_path):
 
 def test_unknown_storage_dtype_is_refused():
     with pytest.raises(StoryDiffusionError, match="bank_dtype"):
-        IdentityBank("Bob", SETTINGS, storage_dtype="int4")
+        IdentityBank("Bob", SETTINGS, storage_dtype="int3")

@@ -48,9 +48,9 @@ def test_rates_per_level_reach_the_processors(sd_pipe):
 
 
 def test_selection_matching_nothing_is_refused(sdxl_pipe):
-    with pytest.raises(StoryDiffusionError, match="matches no self-attention layer"):
+    with pytest.raises(StoryDiffusionError, match="matches no attention layer"):
         ConsistentAttention(CSAConfig(levels=(8,))).install(sdxl_pipe.unet)
-    with pytest.raises(StoryDiffusionError, match="matches no self-attention layer"):
+    with pytest.raises(StoryDiffusionError, match="matches no attention layer"):
         ConsistentAttention(CSAConfig(layers=("decoder.*",))).install(sdxl_pipe.unet)
 
 

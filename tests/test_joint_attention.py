@@ -1,12 +1,13 @@
-"""CSA on Flux's joint attention: against a dense masked formulation, and exactly plain when off."""
+"""CSA on joint attention (Flux, SD3): against dense masked formulations, and exactly plain when off."""
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
 
 from storydiffusion.csa.attention import sample_token_indices
-from storydiffusion.csa.joint import FluxConsistentAttnProcessor
+from storydiffusion.csa.joint import FluxConsistentAttnProcessor, SD3ConsistentAttnProcessor
+from storydiffusion.errors import StoryDiffusionError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,6 +31,12 @@ class Controller:
 
     def sample_indices(self, images: int, tokens: int, samples: int) -> torch.Tensor:
         return sample_token_indices(images, tokens, samples, self.generator)
+
+    writes = False
+
+    def mutual_indices(self, images: int, tokens: int, rate: float) -> torch.Tensor | None:
+        samples = round(tokens * rate)
+        return self.sample_indices(images, tokens, samples) if samples else None
 
 
 @pytest.fixture
@@ -170,3 +177,150 @@ def test_the_two_position_choices_differ(flux):
             attn, hidden, text, image_rotary_emb=rotary
         )
     assert not torch.allclose(source, none)
+
+
+class ReadController(Controller):
+    """The read-mode part of `ConsistentAttention`: one bank entry, its positions, an optional read mask."""
+
+    mode = "read"
+
+    def __init__(self, tokens, positions=None, mask=None) -> None:
+        super().__init__()
+        self.tokens, self.positions, self.mask = tokens, positions, mask
+
+    def read(self, name, halves, dtype, device):
+        return self.tokens[-halves:]
+
+    def read_positions(self, name):
+        return self.positions
+
+    def read_mask(self, name, num_tokens, device):
+        return self.mask
+
+
+def dense_bank_reference(attn, hidden, text, rotary, bank, positions, mask, rotate=True):
+    """Per image: its own joint sequence plus the bank's tokens as keys (rotated to their source positions),
+    image queries limited by `mask` (B, N, M), text queries seeing their own sequence only."""
+    q, k, v, _, _, _ = _plain_qkv(attn, hidden, text)
+    qr, kr = (apply_rotary_emb(t, rotary, sequence_dim=1) for t in (q, k))
+    unflat = (-1, attn.head_dim)
+    bank_key = attn.norm_k(attn.to_k(bank).unflatten(-1, unflat))[0]  # (M, H, D)
+    bank_value = attn.to_v(bank).unflatten(-1, unflat)[0]
+    if rotate:
+        cos, sin = rotary
+        bank_key = apply_rotary_emb(bank_key[None], (cos[positions], sin[positions]), sequence_dim=1)[0]
+    seq, out = TEXT + SIDE * SIDE, []
+    for i in range(IMAGES):
+        keys, values = torch.cat([kr[i], bank_key]), torch.cat([v[i], bank_value])
+        allowed = torch.ones(seq, seq + bank.shape[1], dtype=torch.bool)
+        allowed[:TEXT, seq:] = False
+        if mask is not None:
+            allowed[TEXT:, seq:] = mask[i]
+        scores = torch.einsum("shd,thd->hst", qr[i], keys) * attn.head_dim**-0.5
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        out.append(torch.einsum("hst,thd->shd", weights, values))
+    return torch.stack(out).flatten(2)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bank_read_equals_the_dense_formulation(flux, masked):
+    """Frame phase: every image also sees the bank's tokens, keys rotated to where they were sampled."""
+    attn, hidden, text, rotary = _attention_inputs(flux)
+    g = torch.Generator().manual_seed(3)
+    bank = torch.randn(1, 10, attn.query_dim, generator=g)
+    positions = TEXT + torch.randint(0, SIDE * SIDE, (10,), generator=g)
+    mask = torch.rand(IMAGES, SIDE * SIDE, 10, generator=g) > 0.5 if masked else None
+    processor = FluxConsistentAttnProcessor("b0", 0.5, ReadController(bank, positions, mask), attn.processor)
+    with torch.no_grad():
+        image_out, text_out = processor(attn, hidden, text, image_rotary_emb=rotary)
+        joint = dense_bank_reference(attn, hidden, text, rotary, bank, positions, mask)
+        _, plain_text = attn.processor(attn, hidden, text, image_rotary_emb=rotary)
+    torch.testing.assert_close(image_out, attn.to_out[1](attn.to_out[0](joint[:, TEXT:])), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(text_out, plain_text, atol=1e-6, rtol=1e-5)
+
+
+def test_bank_read_without_positions_is_refused_for_source_positions(flux):
+    attn, hidden, text, rotary = _attention_inputs(flux)
+    bank = torch.randn(1, 4, attn.query_dim)
+    processor = FluxConsistentAttnProcessor("b0", 0.5, ReadController(bank), attn.processor)
+    with torch.no_grad(), pytest.raises(StoryDiffusionError, match="positions"):
+        processor(attn, hidden, text, image_rotary_emb=rotary)
+    unrotated = FluxConsistentAttnProcessor("b0", 0.5, ReadController(bank), attn.processor, positions="none")
+    with torch.no_grad():
+        image_out, _ = unrotated(attn, hidden, text, image_rotary_emb=rotary)
+        joint = dense_bank_reference(attn, hidden, text, rotary, bank, None, None, rotate=False)
+    torch.testing.assert_close(image_out, attn.to_out[1](attn.to_out[0](joint[:, TEXT:])), atol=1e-5, rtol=1e-4)
+
+
+# -- SD3: [image ; text], no rotary, classifier-free guidance halves ---------------------------------------
+@pytest.fixture
+def sd3():
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+        pos_embed_max_size=8, qk_norm="rms_norm",
+    )  # fmt: skip
+    return model.eval()
+
+
+def sd3_inputs(batch: int = 2 * IMAGES) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(batch, 4, 8, 8, generator=g),
+        "encoder_hidden_states": torch.randn(batch, TEXT, 16, generator=g),
+        "pooled_projections": torch.randn(batch, 8, generator=g),
+        "timestep": torch.full((batch,), 500.0),
+    }
+
+
+def test_sd3_rate_zero_is_exactly_the_plain_transformer(sd3):
+    controller = Controller()
+    with torch.no_grad():
+        plain = sd3(**sd3_inputs()).sample
+        sd3.set_attn_processor(
+            {n: SD3ConsistentAttnProcessor(n, 0.0, controller, p) for n, p in sd3.attn_processors.items()}
+        )
+        assert torch.equal(sd3(**sd3_inputs()).sample, plain)
+        sd3.set_attn_processor(
+            {n: SD3ConsistentAttnProcessor(n, 0.5, controller, p) for n, p in sd3.attn_processors.items()}
+        )
+        assert not torch.allclose(sd3(**sd3_inputs()).sample, plain)
+
+
+def test_sd3_joint_csa_equals_the_dense_formulation(sd3):
+    """Per guidance half, image i's image queries also see the other images' sampled image tokens; the
+    joint sequence is [image ; text]; text queries see their own sequence only."""
+    attn = sd3.transformer_blocks[0].attn
+    g = torch.Generator().manual_seed(2)
+    tokens = 16
+    hidden = torch.randn(2 * IMAGES, tokens, attn.query_dim, generator=g)
+    text = torch.randn(2 * IMAGES, TEXT, attn.query_dim, generator=g)
+    processor = SD3ConsistentAttnProcessor("t0", 0.5, Controller(), attn.processor)
+    indices = sample_token_indices(IMAGES, tokens, 8, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        image_out, text_out = processor(attn, hidden, text)
+        heads = attn.heads
+
+        def split(x):
+            return x.unflatten(-1, (heads, -1))
+
+        q = torch.cat([attn.norm_q(split(attn.to_q(hidden))), attn.norm_added_q(split(attn.add_q_proj(text)))], 1)
+        k = torch.cat([attn.norm_k(split(attn.to_k(hidden))), attn.norm_added_k(split(attn.add_k_proj(text)))], 1)
+        v = torch.cat([split(attn.to_v(hidden)), split(attn.add_v_proj(text))], 1)
+        seq, outputs = tokens + TEXT, []
+        for half in range(2):
+            for i in range(IMAGES):
+                row = half * IMAGES + i
+                others = [half * IMAGES + j for j in range(IMAGES) if j != i]
+                extra = [indices[j] for j in range(IMAGES) if j != i]
+                keys = torch.cat([k[row]] + [k[o][e] for o, e in zip(others, extra)])
+                values = torch.cat([v[row]] + [v[o][e] for o, e in zip(others, extra)])
+                allowed = torch.ones(seq, keys.shape[0], dtype=torch.bool)
+                allowed[tokens:, seq:] = False  # text queries (after the image) see their own sequence only
+                scores = torch.einsum("shd,thd->hst", q[row], keys) * attn.scale
+                weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+                outputs.append(torch.einsum("hst,thd->shd", weights, values).flatten(1))
+        joint = torch.stack(outputs)
+    torch.testing.assert_close(image_out, attn.to_out[1](attn.to_out[0](joint[:, :tokens])), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(text_out, attn.to_add_out(joint[:, tokens:]), atol=1e-5, rtol=1e-4)

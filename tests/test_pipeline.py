@@ -189,7 +189,7 @@ def test_bad_input_is_refused_with_a_clear_error(sd_pipe, frames, overrides, mes
 def test_wrapping_something_else_is_refused(sd_pipe):
     with pytest.raises(StoryDiffusionError, match="StableDiffusionPipeline"):
         StoryPipeline(sd_pipe.unet)
-    with pytest.raises(StoryDiffusionError, match="matches no self-attention layer"):
+    with pytest.raises(StoryDiffusionError, match="matches no attention layer"):
         StoryPipeline(sd_pipe, CSAConfig(layers=("nothing.*",)))
 
 

@@ -139,7 +139,7 @@ def test_eval_two_characters_end_to_end(monkeypatch, capsys, tmp_path):
         assert not stop.code
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
-    for arm in ("baseline", "unmasked", "masked", "regions"):
+    for arm in ("baseline", "unmasked", "masked", "regions", "regional_prompts"):
         assert set(printed[arm]) == {
             "own_identity_agreement",
             "other_identity_agreement",
@@ -149,4 +149,4 @@ def test_eval_two_characters_end_to_end(monkeypatch, capsys, tmp_path):
         }
         assert 0.0 <= printed[arm]["own_identity_agreement"] <= 1.0
     assert printed["stories"] == 1 and "by position" in printed["matching"]
-    assert len(list((tmp_path / "images").glob("*.png"))) == 4
+    assert len(list((tmp_path / "images").glob("*.png"))) == 5

@@ -93,7 +93,7 @@ def test_generate_fills_the_gallery_and_writes_the_run(app):
         image = Image.open(path)
         assert image.format == "PNG" and image.size == (64, 64)
     assert open(pdf, "rb").read(4) == b"%PDF" and len(pages) == 1
-    assert [p.rsplit("/", 1)[-1] for p in banks] == ["Mia.safetensors"]
+    assert [p.rsplit("/", 1)[-1] for p in banks] == ["Mia.character.json"]  # the small file, not the bank
     assert session == {"out": session["out"], "panels": panels, "banks": banks}
     assert Path(session["out"]).parent.parent == app.root  # its own run folder
 
@@ -102,7 +102,8 @@ def test_generate_fills_the_gallery_and_writes_the_run(app):
         story_text = zipped.read("story/story.yaml").decode()
         manifest = json.loads(zipped.read("story/manifest.json"))
     assert {"story/panel_000.png", "story/panel_002.png", "story/comic.pdf", "story/page_01.png"} <= names
-    assert {"story/banks/Mia.safetensors", "story/manifest.json"} <= names
+    assert {"story/banks/Mia.character.json", "story/manifest.json"} <= names
+    assert "story/banks/Mia.safetensors" not in names  # the full bank is a cache the character file regenerates
     assert manifest["settings"]["seed"] == 1 and manifest["settings"]["model"] == TINY
     # the zipped story file repeats the run: `storydiffusion story story.yaml`
     story_file = app.root / "again.yaml"
@@ -166,7 +167,7 @@ def test_the_page_has_the_story_boxes_examples_and_outputs(app):
     demo = app.build()
     labels = {getattr(block, "label", None) for block in demo.blocks.values()}
     assert {"Characters", "Frames", "Style", "Model", "CSA rate", "Steps", "Guidance", "Size", "Seed"} <= labels
-    assert {"Panels", "Comic pages", "Comic (PDF)", "Run (zip)", "Characters (bank files)"} <= labels
+    assert {"Panels", "Comic pages", "Comic (PDF)", "Run (zip)", "Characters (character files)"} <= labels
     assert any(isinstance(block, gr.Dataset) for block in demo.blocks.values())  # gr.Examples' table
     for characters, frames in EXAMPLES:
         assert make_story(characters, frames, **FAST).panels  # every example is a valid story
@@ -180,7 +181,11 @@ def test_ui_command_serves_the_app(monkeypatch, capsys):
     assert run_cli(monkeypatch, capsys, "ui")[0] == 0
     args = ["--host", "0.0.0.0", "--port", "8000", "--model", "tiny-random", "--video-model", "./my-video"]
     assert run_cli(monkeypatch, capsys, "ui", *args)[0] == 0
-    assert calls == [(TINY, "127.0.0.1", 7860, TINY), ("tiny-random", "0.0.0.0", 8000, "./my-video")]
+    # the last two: no flf2v model, the video tab starting on smp (tests/test_ui_video_backends.py sets them)
+    assert calls == [
+        (TINY, "127.0.0.1", 7860, TINY, None, "smp"),
+        ("tiny-random", "0.0.0.0", 8000, "./my-video", None, "smp"),
+    ]
 
 
 def test_ui_command_without_gradio_says_how_to_install(monkeypatch, capsys):

@@ -6,6 +6,7 @@ from typing import Any
 from .csa.attention import ConsistentSelfAttnProcessor, CSAConfig, CSASchedule
 from .csa.bank import BankSettings, IdentityBank
 from .csa.controller import ConsistentAttention
+from .csa.joint import FluxConsistentAttnProcessor, JointConsistentAttnProcessor, SD3ConsistentAttnProcessor
 from .errors import BankMismatchError, StoryDiffusionError
 
 # Heavier pieces load on first use, so `import storydiffusion` stays quick for the command line.
@@ -24,6 +25,7 @@ _LAZY = {
     "style_names": "story.styles",
     "SemanticMotionPredictor": "video.smp",
     "TransitionPipeline": "video.pipeline",
+    "FLF2VBackend": "video.flf2v",
 }
 
 
@@ -40,7 +42,10 @@ __all__ = [
     "CSASchedule",
     "ConsistentAttention",
     "ConsistentSelfAttnProcessor",
+    "FluxConsistentAttnProcessor",
     "IdentityBank",
+    "JointConsistentAttnProcessor",
+    "SD3ConsistentAttnProcessor",
     "StoryDiffusionError",
     *_LAZY,
 ]

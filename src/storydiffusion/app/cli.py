@@ -73,7 +73,11 @@ def story_command(
         Path | None, typer.Option(help="Text file: one frame per line, [Name]/[NC] tags, #caption.")
     ] = None,
     model: Annotated[
-        str | None, typer.Option(help="Hub id, folder or 'tiny'; default: the story's model, else 'tiny'.")
+        str | None,
+        typer.Option(
+            help="Hub id or folder (SD1.5/SDXL, FLUX.1, SD3/3.5), 'tiny', or tiny-random[-sdxl|-flux|-sd3]; "
+            "default: the story's model, else 'tiny'."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16.")] = "auto",
@@ -93,17 +97,36 @@ def story_command(
             help="Every frame from the same initial noise (the public code's consistency prior; overrides the story).",
         ),
     ] = None,
+    regional_prompts: Annotated[
+        bool | None,
+        typer.Option(
+            "--regional-prompts/--no-regional-prompts",
+            help="In frames with regions, read each character's description only inside its box (UNet models).",
+        ),
+    ] = None,
     layout: Annotated[str, typer.Option(help="Comic layout: classic, grid or four.")] = "classic",
     rows: Annotated[int, typer.Option(min=1, help="Grid layout: rows per page.")] = 2,
     cols: Annotated[int, typer.Option(min=1, help="Grid layout: panels per row.")] = 2,
     cpu_offload: Annotated[bool, typer.Option(help="diffusers model CPU offload (GPU only).")] = False,
     vae_slicing: Annotated[bool, typer.Option(help="Decode images one at a time.")] = False,
     vae_tiling: Annotated[bool, typer.Option(help="Decode large images in tiles.")] = False,
-    bank_dtype: Annotated[str, typer.Option(help="Identity bank storage: int8, float16, bfloat16, float32.")] = "int8",
+    bank_dtype: Annotated[
+        str, typer.Option(help="Identity bank storage: int8, float16, bfloat16, float32; int4 (lossy, half of int8).")
+    ] = "int8",
+    bank_storage: Annotated[
+        str, typer.Option(help="Identity banks in RAM (memory), in a file read a step at a time (disk), or auto.")
+    ] = "auto",
+    bank_cache: Annotated[
+        str,
+        typer.Option(help="Write the full bank beside each character file: auto (up to 256 MiB), always, never."),
+    ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Start over instead of resuming what OUT holds.")] = False,
     bank: Annotated[
         list[Path] | None,
-        typer.Option(help="A saved character (banks/Name.safetensors of an earlier run) to reuse; repeatable."),
+        typer.Option(
+            help="A saved character to reuse: banks/Name.character.json of an earlier run (regenerated exactly, or "
+            "read from the Name.safetensors beside it), or a full bank Name.safetensors; repeatable."
+        ),
     ] = None,
 ) -> None:
     """Generate a story's panels, its comic pages and PDF into OUT (resuming what OUT already holds)."""
@@ -123,13 +146,14 @@ def story_command(
         "negative_prompt": negative_prompt,
         "model": model,
         "same_initial_noise": same_initial_noise,
+        "regional_prompts": regional_prompts,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if (story_file is None) == (characters is None and frames is None):
         raise StoryDiffusionError("give either a STORY file or --characters and --frames, not both or neither")
-    from storydiffusion.csa.bank import IdentityBank
+    from storydiffusion.pipelines.characters import saved_character_name
 
-    banked = [IdentityBank.character_in(path) for path in bank or ()]  # they need no reference frames
+    banked = [saved_character_name(path) for path in bank or ()]  # they need no reference frames
     if story_file is not None:
         story = Story.from_file(story_file, overrides, banked=banked)
     else:
@@ -151,6 +175,8 @@ def story_command(
         vae_slicing=vae_slicing,
         vae_tiling=vae_tiling,
         bank_dtype=bank_dtype,
+        bank_storage=bank_storage,
+        bank_cache=bank_cache,
         layout=ComicLayout(kind=layout, rows=rows, cols=cols, seed=settings.seed),
         overwrite=overwrite,
     )
@@ -186,7 +212,7 @@ def eval_command(
         bool,
         typer.Option(
             help="Two characters per frame: own-identity agreement and swap rate in arms baseline, unmasked, "
-            "masked and regions (12 built-in stories; --quick: 4)."
+            "masked, regions and regional_prompts (12 built-in stories; --quick: 4)."
         ),
     ] = False,
 ) -> None:
@@ -241,10 +267,24 @@ def ui_command(
         str | None, typer.Option(help="Hub id, folder, 'tiny' (default, shipped) or 'tiny-random'.")
     ] = None,
     video_model: Annotated[
-        str, typer.Option(help="The video tab's TransitionPipeline: 'tiny' (shipped), a folder or a hub id.")
+        str, typer.Option(help="The video tab's smp backend, a TransitionPipeline: 'tiny' (shipped), folder, hub id.")
     ] = "tiny",
+    flf2v_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Also offer the flf2v backend in the video tab: a WanImageToVideoPipeline or LTXConditionPipeline "
+            "hub id or folder, or 'tiny-random-flf2v'."
+        ),
+    ] = None,
+    video_backend: Annotated[
+        str, typer.Option(help="The backend the video tab starts on: smp, or flf2v (needs --flf2v-model).")
+    ] = "smp",
 ) -> None:
     """Serve the web UI (Gradio): write a story, generate its panels, comic pages, PDF and banks, animate it."""
+    if video_backend not in ("smp", "flf2v"):
+        raise typer.BadParameter(f"--video-backend {video_backend!r}: choose smp or flf2v")
+    if video_backend == "flf2v" and flf2v_model is None:
+        raise typer.BadParameter("--video-backend flf2v needs --flf2v-model (a Wan/LTX first/last-frame pipeline)")
     try:
         from storydiffusion.app.ui import serve
     except ModuleNotFoundError as error:
@@ -253,7 +293,14 @@ def ui_command(
         raise StoryDiffusionError("the web UI needs gradio: pip install 'storydiffusion[ui]'") from None
     from storydiffusion.app.runner import default_model
 
-    serve(model or default_model(), host=host, port=port, video_model=video_model)
+    serve(
+        model or default_model(),
+        host=host,
+        port=port,
+        video_model=video_model,
+        flf2v_model=flf2v_model,
+        video_backend=video_backend,
+    )
 
 
 @app.command("video")
@@ -268,23 +315,61 @@ def video_command(
     out: Annotated[
         Path | None, typer.Option(help="Video file (.mp4 or .gif). Default: clip.mp4, or STORY/story.mp4.")
     ] = None,
-    frames: Annotated[int, typer.Option(help="Frames per transition, both keyframes included (>= 2).")] = 8,
+    frames: Annotated[
+        int | None,
+        typer.Option(
+            help="Frames per transition, both keyframes included (>= 2). Default: 8 for smp; for flf2v the "
+            "model's own (Wan 81, LTX 161), and any count must be 4k+1 (Wan) or 8k+1 (LTX)."
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 25,
-    guidance: Annotated[float, typer.Option(min=0.0, help="Guidance scale on the prompt (1 = off).")] = 1.0,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Guidance scale on the prompt (1 = off). Default: 1 for smp, the model's own for flf2v (Wan 5, LTX 3)",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
-    motion: Annotated[str, typer.Option(help="smp (motion predictor) or linear (its transformer bypassed).")] = "smp",
-    fps: Annotated[float, typer.Option(min=0.1, help="Frames per second of the video file.")] = 8.0,
-    model: Annotated[str, typer.Option(help="TransitionPipeline: 'tiny' (shipped), a folder or a hub id.")] = "tiny",
+    motion: Annotated[
+        str, typer.Option(help="smp backend: smp (motion predictor) or linear (its transformer bypassed).")
+    ] = "smp",
+    negative_prompt: Annotated[str, typer.Option(help="What the frames should not show (with guidance > 1).")] = "",
+    fps: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="Frames per second of the video file. Default: 8 for smp; Wan 16, LTX 25."),
+    ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="The transition step: smp (this project's TransitionPipeline) or flf2v (a diffusers "
+            "first/last-frame pipeline: WanImageToVideoPipeline or LTXConditionPipeline)."
+        ),
+    ] = "smp",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="smp: a TransitionPipeline, 'tiny' (shipped, the default), a folder or a hub id. flf2v (needed): "
+            "a hub id or folder, e.g. Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers, or 'tiny-random-flf2v'."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (fp16 on a GPU, bf16 for flf2v; fp32 on CPU), float32, float16 or bfloat16.")
+    ] = "auto",
+    cpu_offload: Annotated[bool, typer.Option(help="diffusers model CPU offload (GPU only).")] = False,
+    vae_tiling: Annotated[bool, typer.Option(help="Encode and decode large frames in tiles.")] = False,
 ) -> None:
     """Animate between two keyframes (START END --prompt ...), or between every pair of consecutive
     panels of a story run (--story OUT_DIR), and write an MP4 or GIF."""
+    from dataclasses import replace
+
     from tqdm.auto import tqdm
 
     from storydiffusion.app.video_runner import (
+        BACKENDS,
         TransitionSettings,
-        load_transition_pipeline,
+        load_backend,
         run_story_video,
         run_transition,
     )
@@ -293,15 +378,38 @@ def video_command(
         raise typer.BadParameter("give either START and END images, or --story OUT_DIR (not both)")
     if motion not in ("smp", "linear"):
         raise typer.BadParameter(f"--motion {motion!r}: choose smp or linear")
-    settings = TransitionSettings(num_frames=frames, steps=steps, guidance=guidance, seed=seed, motion=motion)
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"--backend {backend!r}: choose {' or '.join(BACKENDS)}")
+    if backend == "flf2v" and model is None:
+        raise typer.BadParameter(
+            "--backend flf2v needs --model: a WanImageToVideoPipeline or LTXConditionPipeline hub id or folder "
+            "(e.g. Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers), or tiny-random-flf2v"
+        )
+    # checked before loading (minutes for a real model); the backend's own defaults fill what was not given
+    settings = TransitionSettings(
+        num_frames=frames if frames is not None else TransitionSettings.num_frames,
+        steps=steps,
+        guidance=guidance if guidance is not None else TransitionSettings.guidance,
+        seed=seed,
+        motion=motion,
+        negative_prompt=negative_prompt,
+    )
     started = time.perf_counter()
-    pipe = load_transition_pipeline(model, device, dtype)
+    pipe = load_backend(backend, model, device, dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling)
+    settings = replace(
+        settings,
+        num_frames=frames if frames is not None else pipe.default_frames,
+        guidance=guidance if guidance is not None else pipe.default_guidance,
+    )
     if story is None:
-        pipe.set_progress_bar_config(desc="frames", leave=False)
+        pipe.set_progress_bar_config(desc="frames" if backend == "smp" else "steps", leave=False)
         path = run_transition(pipe, start, end, prompt, out or Path("clip.mp4"), settings, fps)
-        typer.echo(f"wrote {path} ({frames} frames) in {time.perf_counter() - started:.1f} s")
+        typer.echo(f"wrote {path} ({settings.num_frames} frames) in {time.perf_counter() - started:.1f} s")
         return
-    pipe.set_progress_bar_config(disable=True)
+    if backend == "smp":
+        pipe.set_progress_bar_config(disable=True)
+    else:  # a real first/last-frame model takes seconds a step: show them under the transitions' bar
+        pipe.set_progress_bar_config(desc="steps", leave=False)
     with tqdm(desc="transitions", unit="transition") as bar:
 
         def advance(done: int, total: int) -> None:
@@ -383,6 +491,189 @@ def main() -> None:
             raise
         typer.echo(f"error: {error}", err=True)
         sys.exit(1)
+
+
+@app.command("batch")
+def batch_command(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Story files, folders of them, or prompt sets (a file such as ConsiStory+'s, or 'consistory+').",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder: one subfolder per story, batch.json; re-running resumes.")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="Hub id, folder, 'tiny' or tiny-random[-sdxl|-flux|-sd3]; default: each story's, else tiny."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps (each process its own GPU).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16.")] = "auto",
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (overrides every story).")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed of every story (overrides the stories).")] = None,
+    guidance: Annotated[float | None, typer.Option(min=0.0, help="Guidance scale (overrides every story).")] = None,
+    width: Annotated[int | None, typer.Option(min=8, help="Panel width in px, a multiple of 8.")] = None,
+    height: Annotated[int | None, typer.Option(min=8, help="Panel height in px, a multiple of 8.")] = None,
+    id_length: Annotated[int | None, typer.Option(min=1, help="Reference frames per character.")] = None,
+    rate: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="CSA sampling rate.")] = None,
+    style: Annotated[str | None, typer.Option(help="Style name, e.g. 'Comic book'.")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt, added to the style's.")] = None,
+    same_initial_noise: Annotated[
+        bool | None,
+        typer.Option("--same-initial-noise/--own-initial-noise", help="Every frame of a story from the same noise."),
+    ] = None,
+    regional_prompts: Annotated[
+        bool | None,
+        typer.Option(
+            "--regional-prompts/--no-regional-prompts",
+            help="In frames with regions, read each description only inside its box (overrides the stories).",
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N stories of the inputs.")] = None,
+    layout: Annotated[str, typer.Option(help="Comic layout: classic, grid or four.")] = "classic",
+    rows: Annotated[int, typer.Option(min=1, help="Grid layout: rows per page.")] = 2,
+    cols: Annotated[int, typer.Option(min=1, help="Grid layout: panels per row.")] = 2,
+    cpu_offload: Annotated[bool, typer.Option(help="diffusers model CPU offload (GPU only).")] = False,
+    vae_slicing: Annotated[bool, typer.Option(help="Decode images one at a time.")] = False,
+    vae_tiling: Annotated[bool, typer.Option(help="Decode large images in tiles.")] = False,
+    bank_dtype: Annotated[str, typer.Option(help="Identity bank storage: int8, float16, bfloat16, float32, int4.")] = (
+        "int8"
+    ),
+    bank_storage: Annotated[str, typer.Option(help="Identity banks in RAM (memory), on disk (disk), or auto.")] = (
+        "auto"
+    ),
+    bank_cache: Annotated[str, typer.Option(help="Full bank beside each character file: auto, always, never.")] = (
+        "auto"
+    ),
+    overwrite: Annotated[bool, typer.Option(help="Start every story over instead of resuming.")] = False,
+) -> None:
+    """Draw many stories into OUT/NAME/ through the resumable story runner; under `accelerate launch
+    --num_processes N` the stories are split across the processes (one merged OUT/batch.json)."""
+    from storydiffusion.app.batch import BATCH_MANIFEST, batch_state, collect_stories, run_batch
+    from storydiffusion.app.runner import RunOptions, default_model
+    from storydiffusion.story.comic import ComicLayout
+
+    overrides = {
+        "steps": steps,
+        "seed": seed,
+        "guidance": guidance,
+        "width": width,
+        "height": height,
+        "id_length": id_length,
+        "rate": rate,
+        "style": style,
+        "negative_prompt": negative_prompt,
+        "model": model,
+        "same_initial_noise": same_initial_noise,
+        "regional_prompts": regional_prompts,
+    }
+    stories = collect_stories(inputs, {k: v for k, v in overrides.items() if v is not None}, limit)
+    options = RunOptions(
+        model=default_model(),
+        device=device,
+        dtype=dtype,
+        cpu_offload=cpu_offload,
+        vae_slicing=vae_slicing,
+        vae_tiling=vae_tiling,
+        bank_dtype=bank_dtype,
+        bank_storage=bank_storage,
+        bank_cache=bank_cache,
+        layout=ComicLayout(kind=layout, rows=rows, cols=cols, seed=seed or 0),
+        overwrite=overwrite,
+    )
+    state = batch_state(device)
+    started = time.perf_counter()
+    result = run_batch(stories, out, options, state=state)
+    resumed = f", {result.skipped} already there" if result.skipped else ""
+    typer.echo(
+        f"process {result.process_index}/{result.num_processes}: {len(result.stories)} stories, "
+        f"{result.generated} panels generated{resumed} ({time.perf_counter() - started:.1f} s)",
+        err=True,
+    )
+    if result.manifest is not None:
+        manifest = result.manifest
+        state_text = "complete" if manifest["complete"] else "incomplete: re-run the same command to finish"
+        typer.echo(
+            f"{len(manifest['stories'])} stories, {manifest['done']}/{manifest['panels']} panels in {out}/ "
+            f"({BATCH_MANIFEST}: {state_text})"
+        )
+
+
+@app.command("bench")
+def bench_command(
+    prompt_set: Annotated[
+        str, typer.Argument(help="'consistory+' (the shipped ConsiStory+ prompt set) or a prompt-set file.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder: one batch per arm; re-running resumes.")],
+    model: Annotated[str | None, typer.Option(help="Hub id, folder or 'tiny' (default, shipped).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N subjects (a smoke run).")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the result here, and the table beside it (.md).")
+    ] = None,
+    arms: Annotated[str, typer.Option(help="Comma-separated arms.")] = "vanilla,csa,csa_shared_noise,csa_masked",
+    clip_model: Annotated[
+        str, typer.Option(help="CLIPModel for CLIP-T/CLIP-I: hub id, folder, 'tiny'; auto: tiny for tiny models.")
+    ] = "auto",
+    dreamsim_cache: Annotated[
+        Path | None, typer.Option(help="Folder holding (or to receive) DreamSim's weights.")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 50,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Guidance scale.")] = 5.0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of every subject (1Prompt1Story's script: 42).")] = 42,
+    id_length: Annotated[int, typer.Option(min=1, help="Reference frames per subject.")] = 3,
+    rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="CSA sampling rate of the csa arms.")] = 0.5,
+    width: Annotated[int | None, typer.Option(min=8, help="Panel width (default: the model's).")] = None,
+    height: Annotated[int | None, typer.Option(min=8, help="Panel height (default: the model's).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16.")] = "auto",
+    cpu_offload: Annotated[bool, typer.Option(help="diffusers model CPU offload (GPU only).")] = False,
+    vae_slicing: Annotated[bool, typer.Option(help="Decode images one at a time.")] = False,
+) -> None:
+    """Run a prompt set (ConsiStory+) in arms vanilla, csa, csa_shared_noise, csa_masked and score CLIP-T, CLIP-I,
+    DreamSim, seconds per image and peak memory; prints a markdown table, the last line is the JSON result."""
+    import json
+
+    from storydiffusion.app.batch import batch_state
+    from storydiffusion.app.bench import BENCH_JSON, BenchSettings, default_clip, run_bench, write_result
+    from storydiffusion.app.runner import RunOptions, default_model
+
+    settings = BenchSettings(
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        id_length=id_length,
+        rate=rate,
+        width=width,
+        height=height,
+        limit=limit,
+        arms=tuple(arm.strip() for arm in arms.split(",") if arm.strip()),
+    )
+    options = RunOptions(
+        model=model or default_model(),
+        device=device,
+        dtype=dtype,
+        cpu_offload=cpu_offload,
+        vae_slicing=vae_slicing,
+    )
+    state = batch_state(device)
+    started = time.perf_counter()
+    result = run_bench(prompt_set, out, settings, options, clip_model, dreamsim_cache, state=state)
+    if result is None:  # another process than 0: its share is drawn, process 0 scores
+        return
+    clip = default_clip(options.model) if clip_model == "auto" else clip_model
+    subjects = next(iter(result.values()))["subjects"]
+    frames = next(iter(result.values()))["frames"]
+    header = (
+        f"{prompt_set}: {subjects} subjects, {frames} frames per arm; model {options.model}, {steps} steps, "
+        f"guidance {guidance}, seed {seed}, id_length {id_length}, rate {rate}, CLIP {clip}, "
+        f"{state.num_processes} process(es)"
+    )
+    paths = [write_result(result, out / BENCH_JSON, header)]
+    if json_path is not None:
+        paths.append(write_result(result, json_path, header))
+    typer.echo(paths[-1][1].read_text())
+    typer.echo(f"scored {len(result)} arms in {time.perf_counter() - started:.0f} s", err=True)
+    typer.echo(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """A story run on disk: load the model, generate the panels, write everything, resume when re-run.
 
 The output folder holds each panel as PNG (prompt, negative prompt, seed, model and CSA settings
-in PNG text chunks), the characters' identity banks, `manifest.json`, and the comic pages + PDF.
+in PNG text chunks), the characters' files (`banks/Name.character.json`, the small recipe that
+regenerates a bank exactly, and beside it the full bank `banks/Name.safetensors` as a cache when it is
+small or asked for), `manifest.json`, and the comic pages + PDF.
 Every file is written through a temporary name and the manifest is updated after every panel, so
 an interrupted run loses at most the panel in flight. Re-running the same story into the same
 folder skips the panels already there; a changed setting is reported instead of mixing panels
@@ -24,6 +26,7 @@ from storydiffusion.csa.attention import CSAConfig
 from storydiffusion.csa.bank import BankSettings, IdentityBank
 from storydiffusion.errors import StoryDiffusionError
 from storydiffusion.files import write_atomically
+from storydiffusion.pipelines.characters import CharacterRecipe, character_file_name, load_character
 from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.pipelines.story_pipeline import FrameInfo, StoryPipeline
 from storydiffusion.story.comic import ComicLayout, check_captions, make_comic, save_comic
@@ -32,8 +35,18 @@ from storydiffusion.story.format import Story
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "storydiffusion.run"
 TINY_RANDOM = "tiny-random"  # built-in untrained SD1.5-layout model, for offline smoke runs
+# every built-in untrained model, by short name -> the `pipelines.tiny_random` builder (offline smoke runs
+# of each architecture StoryPipeline drives)
+TINY_RANDOM_MODELS = {
+    TINY_RANDOM: "tiny_sd_pipeline",
+    "tiny-random-sdxl": "tiny_sdxl_pipeline",
+    "tiny-random-flux": "tiny_flux_pipeline",
+    "tiny-random-sd3": "tiny_sd3_pipeline",
+}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BANK_CACHES = ("auto", "always", "never")
+BANK_CACHE_LIMIT = 256 << 20  # bank_cache "auto": the full bank is written beside its character file up to this
 
 
 def default_model() -> str:
@@ -47,13 +60,16 @@ def default_model() -> str:
 class RunOptions:
     """How to run a story (what to run is the `Story` and its settings)."""
 
-    model: str = field(default_factory=default_model)  # hub id, folder, "tiny" or "tiny-random"
+    model: str = field(default_factory=default_model)  # hub id, folder, "tiny" or a `TINY_RANDOM_MODELS` name
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dtype: str = "auto"  # auto: float16 on a GPU, float32 on the CPU
     cpu_offload: bool = False  # diffusers' model CPU offload (the GPU holds one component at a time)
     vae_slicing: bool = False
     vae_tiling: bool = False
     bank_dtype: str = "int8"
+    bank_storage: str = "auto"  # identity banks in RAM ("memory"), on disk ("disk"), or by size ("auto")
+    # the full bank beside each character file: "auto" when at most BANK_CACHE_LIMIT bytes, "always", "never"
+    bank_cache: str = "auto"
     layout: ComicLayout = field(default_factory=ComicLayout)
     overwrite: bool = False  # ignore what the folder holds instead of resuming
     progress: bool = True
@@ -67,7 +83,8 @@ class RunResult:
     skipped: list[int]  # panel indices already on disk
     pages: list[Path]
     pdf: Path
-    banks: dict[str, Path]
+    banks: dict[str, Path]  # the full banks written (bank_cache)
+    characters: dict[str, Path] = field(default_factory=dict)  # the character files (small, exact)
 
 
 # -- model loading -------------------------------------------------------------------------------
@@ -105,10 +122,10 @@ def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) 
     dtype = pick_dtype(options.dtype, device)
     if options.cpu_offload and device == "cpu":  # checked before minutes of loading, not after
         raise StoryDiffusionError("--cpu-offload moves models between a GPU and the CPU; it needs --device cuda")
-    if model == TINY_RANDOM:
-        from storydiffusion.pipelines.tiny_random import tiny_sd_pipeline
+    if model in TINY_RANDOM_MODELS:
+        from storydiffusion.pipelines import tiny_random
 
-        pipe = tiny_sd_pipeline(seed=0)
+        pipe = getattr(tiny_random, TINY_RANDOM_MODELS[model])(seed=0)
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
@@ -123,9 +140,10 @@ def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) 
                 "" if Path(model).exists() else " (no such folder; a hub id needs the network and HF_HUB_OFFLINE unset)"
             )
             raise StoryDiffusionError(f"cannot load model {model!r}{hint}: {str(error).splitlines()[0]}") from error
-    story = StoryPipeline(pipe, csa_config, bank_dtype=options.bank_dtype)
+    story = StoryPipeline(pipe, csa_config, bank_dtype=options.bank_dtype, bank_storage=options.bank_storage)
     if options.cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
+        # plain "cuda" offloads to GPU 0; under `accelerate launch` each process's current GPU is its own
+        pipe.enable_model_cpu_offload(device=f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device)
     else:
         pipe.to(device)
     if options.vae_slicing:
@@ -150,7 +168,7 @@ def run_settings(
     s = story.settings
     rate = {str(k): v for k, v in s.rate.items()} if isinstance(s.rate, dict) else s.rate
     if pipeline is not None:
-        device, dtype = pipeline.device.type, str(pipeline.pipe.unet.dtype).removeprefix("torch.")
+        device, dtype = pipeline.device.type, str(pipeline.denoiser.dtype).removeprefix("torch.")
     else:
         device = pick_device(options.device)
         dtype = str(pick_dtype(options.dtype, device)).removeprefix("torch.")
@@ -171,23 +189,40 @@ def run_settings(
         "bank_dtype": options.bank_dtype,
         "characters": story.character_descriptions(),
     }
+    if s.regional_prompts:  # only then, so folders made before this setting existed still resume
+        settings["regional_prompts"] = True
     if bank_files:  # only then, so runs without given banks resume folders made before this key existed
         settings["banks"] = sorted(_file_digest(Path(path)) for path in bank_files)
     return settings
 
 
 def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        with path.open("rb") as file:  # in chunks: a full SDXL bank is gigabytes
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
     except OSError as error:
         raise StoryDiffusionError(f"cannot read bank file {path}: {error.strerror or error}") from None
+    return digest.hexdigest()[:16]
 
 
-def load_bank_files(paths: Sequence[str | Path], expected: BankSettings) -> dict[str, IdentityBank]:
-    """Saved characters to reuse, keyed by the character each file holds; refuses two for one name."""
+def load_bank_files(
+    paths: Sequence[str | Path],
+    expected: BankSettings,
+    pipeline: StoryPipeline | None = None,
+    storage: str = "memory",
+) -> dict[str, IdentityBank]:
+    """Saved characters to reuse, keyed by the character each file holds; refuses two for one name.
+
+    A path is a full bank (`Name.safetensors`) or a character file (`Name.character.json`), whose bank is
+    read from the cache beside it or regenerated on `pipeline`."""
     banks: dict[str, IdentityBank] = {}
     for path in paths:
-        bank = IdentityBank.load(path, expected=expected)
+        if pipeline is None:
+            bank = IdentityBank.load(path, expected=expected, storage=storage)
+        else:
+            bank = load_character(path, pipeline, expected, storage)
         if bank.character in banks:
             raise StoryDiffusionError(f"two bank files hold character {bank.character!r}; give one per character")
         banks[bank.character] = bank
@@ -290,6 +325,8 @@ def run_story(
     a panel's file is written.
     """
     options = options or RunOptions()
+    if options.bank_cache not in BANK_CACHES:
+        raise StoryDiffusionError(f"--bank-cache {options.bank_cache!r} is not one of {BANK_CACHES}")
     out = Path(out)
     model = story.settings.model or options.model
     settings = run_settings(story, model, options, bank_files, pipeline)
@@ -298,7 +335,7 @@ def run_story(
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(out, settings, options.overwrite)
 
-    csa_config = CSAConfig(rate=s.rate)
+    csa_config = CSAConfig(rate=s.rate, regional_prompts=s.regional_prompts)
     story_pipe = pipeline or load_story_pipeline(model, options, csa_config)
     frames = story.to_frames()
     infos = StoryPipeline.frame_infos(frames, seed=s.seed, same_initial_noise=s.same_initial_noise)
@@ -313,7 +350,7 @@ def run_story(
         width=s.width,
         id_length=s.id_length,
     )
-    given = load_bank_files(bank_files, bank_settings)
+    given = load_bank_files(bank_files, bank_settings, story_pipe, options.bank_storage)
     references = StoryPipeline.reference_frames(frames, s.id_length, exclude=set(given))
     banks: dict[str, IdentityBank] = dict(given)
     for name, indices in references.items():
@@ -323,7 +360,7 @@ def run_story(
             and set(indices) <= skip
             and manifest.data["banks"].get(name, {}).get("references") == indices
         ):
-            banks[name] = IdentityBank.load(path, expected=bank_settings)
+            banks[name] = IdentityBank.load(path, expected=bank_settings, storage=options.bank_storage)
 
     def on_frame(info: FrameInfo, image: Image.Image) -> None:
         file = f"panel_{info.index:03d}.png"
@@ -334,12 +371,15 @@ def run_story(
             on_panel(info.index, out / file)
 
     def on_bank(name: str, bank: IdentityBank) -> None:
-        bank.save(out / "banks" / f"{name}.safetensors")
-        manifest.data["banks"][name] = {
-            "file": f"banks/{name}.safetensors",
-            "bytes": bank.nbytes,
-            "references": references[name],
-        }
+        character_file = f"banks/{character_file_name(name)}"
+        CharacterRecipe.from_bank(bank).save(out / character_file)
+        entry = {"character_file": character_file, "bytes": bank.nbytes, "references": references[name]}
+        if options.bank_cache == "always" or (options.bank_cache == "auto" and bank.nbytes <= BANK_CACHE_LIMIT):
+            bank.save(out / "banks" / f"{name}.safetensors")
+            entry["file"] = f"banks/{name}.safetensors"
+        else:  # an older cache of this character would not match its new character file
+            (out / "banks" / f"{name}.safetensors").unlink(missing_ok=True)
+        manifest.data["banks"][name] = entry
         manifest.write()
 
     if len(skip) < len(frames):
@@ -374,5 +414,10 @@ def run_story(
         skipped=sorted(skip),
         pages=page_paths,
         pdf=pdf,
-        banks={name: out / entry["file"] for name, entry in manifest.data["banks"].items()},
+        banks={name: out / entry["file"] for name, entry in manifest.data["banks"].items() if "file" in entry},
+        characters={
+            name: out / entry["character_file"]
+            for name, entry in manifest.data["banks"].items()
+            if "character_file" in entry
+        },
     )

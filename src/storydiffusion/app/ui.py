@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,10 +30,18 @@ from typing import Any
 import gradio as gr
 import yaml
 
-from storydiffusion.app.runner import TINY_RANDOM, RunOptions, RunResult, default_model, load_story_pipeline, run_story
+from storydiffusion.app.runner import (
+    TINY_RANDOM,
+    TINY_RANDOM_MODELS,
+    RunOptions,
+    RunResult,
+    default_model,
+    load_story_pipeline,
+    run_story,
+)
 from storydiffusion.csa.attention import CSAConfig
-from storydiffusion.csa.bank import IdentityBank
 from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.pipelines.characters import saved_character_name
 from storydiffusion.pipelines.story_pipeline import StoryPipeline
 from storydiffusion.story.comic import ComicLayout
 from storydiffusion.story.examples import DEMO_CHARACTERS, DEMO_FRAMES
@@ -208,9 +217,20 @@ class StoryApp:
         options: RunOptions | None = None,
         defaults: Mapping[str, Any] | None = None,
         video_model: str = TINY,
+        flf2v_model: str | None = None,
+        video_backend: str = "smp",
     ) -> None:
         self.model = model or default_model()
         self.video_model = video_model  # the TransitionPipeline of the video tab, loaded on first use
+        # The video tab's backends, each loaded on first use: smp always, flf2v when the server was given a
+        # model for it (like the image models, what it loads is the server owner's choice, not the page's)
+        self.video_models = {"smp": video_model, **({"flf2v": flf2v_model} if flf2v_model else {})}
+        if video_backend not in self.video_models:
+            raise StoryDiffusionError(
+                f"video backend {video_backend!r} is not served: choose one of {list(self.video_models)} "
+                "(flf2v needs a model: --flf2v-model)"
+            )
+        self.video_backend = video_backend  # the one the tab starts on
         # The page offers the model the server was started with and the shipped ones, not any path
         # or hub id: what the server loads is its owner's choice.
         shipped = [TINY] if tiny_model_available() else []
@@ -222,13 +242,13 @@ class StoryApp:
         self.defaults = {**self.model_defaults(self.model), **(defaults or {})}
         self._lock = threading.Lock()
         self._loaded: tuple[str, Any] | None = None  # (model name, diffusers pipeline)
-        self._video: Any = None  # the TransitionPipeline, once the video tab asks for it
+        self._videos: dict[str, Any] = {}  # backend name -> loaded backend, once the video tab asks for it
 
     @staticmethod
     def model_defaults(model: str) -> dict[str, Any]:
         """The form's starting values: the tiny model's own size and guidance, or SDXL-like ones."""
         common = {"id_length": 2, "rate": "0.5", "seed": 0, "characters": "", "frames": ""}
-        if model in (TINY, TINY_RANDOM):
+        if model == TINY or model in TINY_RANDOM_MODELS:
             return {**common, "style": DEFAULT_STYLE, "steps": 20, "guidance": 4.0, "size": f"{TINY_SIZE}x{TINY_SIZE}"}
         return {**common, "style": "Comic book", "steps": 30, "guidance": 5.0, "size": ""}
 
@@ -278,7 +298,12 @@ class StoryApp:
             try:
                 with self._lock:
                     # a fresh StoryPipeline per run: its CSA settings (the rate) are this story's
-                    pipe = StoryPipeline(self._pipeline(model), CSAConfig(rate=s.rate), bank_dtype=options.bank_dtype)
+                    pipe = StoryPipeline(
+                        self._pipeline(model),
+                        CSAConfig(rate=s.rate),
+                        bank_dtype=options.bank_dtype,
+                        bank_storage=options.bank_storage,
+                    )
                     result = run_story(
                         story,
                         out,
@@ -310,8 +335,7 @@ class StoryApp:
                 continue
             result: RunResult = value
             finished.update(enumerate(result.panels))
-            archive = shutil.make_archive(str(run_dir / "storydiffusion-run"), "zip", run_dir, RUN_DIR)
-            yield update(result=result, zip=Path(archive))
+            yield update(result=result, zip=zip_run(run_dir))
             return
 
     # -- event handlers: form values in, component values out (`outputs` in build) -----------------
@@ -347,7 +371,7 @@ class StoryApp:
                 guidance=guidance,
                 size=size,
                 seed=seed,
-                banked=[IdentityBank.character_in(path) for path in bank_files or ()],
+                banked=[saved_character_name(path) for path in bank_files or ()],
             )
             self.served_model(story)
             total = len(story.panels)
@@ -361,7 +385,7 @@ class StoryApp:
                     yield _message(text), panels, keep, keep, keep, keep, keep
                     continue
                 result = update.result
-                banks = [str(path) for path in result.banks.values()]
+                banks = [str(path) for path in result.characters.values()]  # the small files, not the banks
                 session = {"out": str(result.out), "panels": panels, "banks": banks}
                 text = f"{total} panels, {len(result.pages)} comic page(s) in {update.seconds:.1f} s."
                 pages = [str(path) for path in result.pages]
@@ -370,21 +394,28 @@ class StoryApp:
             yield _message(str(error), error=True), keep, keep, keep, keep, keep, keep
 
     def on_reuse(self, session: Mapping[str, Any] | None) -> tuple[Any, str]:
-        """Reuse this session's last characters: its run's bank files go to the bank upload box."""
+        """Reuse this session's last characters: its run's character files go to the upload box."""
         if not session or not session.get("banks"):
             return gr.update(), _message("Generate a story with characters first; its banks are then reusable.")
-        names = ", ".join(Path(path).stem for path in session["banks"])
+        names = ", ".join(saved_character_name(path) for path in session["banks"])
         return session["banks"], _message(f"The next run reuses {names}: same settings (size, steps, guidance).")
 
     # -- the video tab ---------------------------------------------------------------------------------
-    def _video_pipeline(self) -> Any:
-        """The transition pipeline, loaded on first use; call with `self._lock` held."""
-        if self._video is None:
-            from storydiffusion.app.video_runner import load_transition_pipeline
+    def _video_pipeline(self, backend: str = "smp") -> Any:
+        """The video tab's `backend` (smp or flf2v), loaded on first use; call with `self._lock` held."""
+        if backend not in self.video_models:
+            raise StoryDiffusionError(
+                f"video backend {backend!r} is not served here; choose one of {list(self.video_models)}"
+            )
+        if backend not in self._videos:
+            from storydiffusion.app.video_runner import load_backend
 
-            self._video = load_transition_pipeline(self.video_model, self.options.device)
-            self._video.set_progress_bar_config(disable=True)
-        return self._video
+            o = self.options  # the server's device and memory options, as for the image model
+            model = self.video_models[backend]
+            loaded = load_backend(backend, model, o.device, o.dtype, cpu_offload=o.cpu_offload, vae_tiling=o.vae_tiling)
+            loaded.set_progress_bar_config(disable=True)
+            self._videos[backend] = loaded
+        return self._videos[backend]
 
     @staticmethod
     def _last_run(session: Mapping[str, Any] | None) -> Path:
@@ -393,9 +424,16 @@ class StoryApp:
         return Path(session["out"])
 
     def transition_video(
-        self, session: Mapping[str, Any] | None, start: int, end: int, settings: Any, fps: float = 8.0
+        self,
+        session: Mapping[str, Any] | None,
+        start: int,
+        end: int,
+        settings: Any,
+        fps: float | None = None,
+        backend: str = "smp",
     ) -> Path:
-        """A transition between panels `start` and `end` (1-based) of this session's last run, as MP4."""
+        """A transition between panels `start` and `end` (1-based) of this session's last run, as MP4;
+        `fps` defaults to the backend's (8 for smp, the model's own for flf2v)."""
         from storydiffusion.app.video_runner import run_transition, story_panels
 
         out = self._last_run(session)
@@ -404,17 +442,27 @@ class StoryApp:
             if not 1 <= int(number) <= len(panels):
                 raise StoryDiffusionError(f"{name} is {int(number)}: the story has panels 1 to {len(panels)}")
         (start_file, _), (end_file, prompt) = panels[int(start) - 1], panels[int(end) - 1]
-        target = out.parent / "video" / f"transition_{int(start)}_{int(end)}_seed{settings.seed}.mp4"
+        tag = "" if backend == "smp" else f"_{backend}"  # one backend's clip never overwrites another's
+        target = out.parent / "video" / f"transition_{int(start)}_{int(end)}_seed{settings.seed}{tag}.mp4"
         with self._lock:
-            return run_transition(self._video_pipeline(), start_file, end_file, prompt, target, settings, fps)
+            return run_transition(self._video_pipeline(backend), start_file, end_file, prompt, target, settings, fps)
 
-    def story_video(self, session: Mapping[str, Any] | None, settings: Any, fps: float = 8.0) -> Path:
+    def story_video(
+        self,
+        session: Mapping[str, Any] | None,
+        settings: Any,
+        fps: float | None = None,
+        backend: str = "smp",
+        on_transition: Any = None,
+    ) -> Path:
         """Every pair of consecutive panels of this session's last run chained into one MP4."""
         from storydiffusion.app.video_runner import run_story_video
 
         out = self._last_run(session)
+        target = out.parent / ("story.mp4" if backend == "smp" else f"story_{backend}.mp4")
         with self._lock:
-            path, _ = run_story_video(self._video_pipeline(), out, out.parent / "story.mp4", settings, fps)
+            pipe = self._video_pipeline(backend)
+            path, _ = run_story_video(pipe, out, target, settings, fps, on_transition=on_transition)
         return path
 
     def on_video(
@@ -427,23 +475,44 @@ class StoryApp:
         steps: float,
         seed: float,
         motion: str,
+        backend: str = "smp",
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio finds the tracker by this default
     ) -> tuple[str, Any]:
-        """Animate: (message, video file) for a transition or the whole story; mistakes become messages."""
+        """Animate: (message, video file) for a transition or the whole story; mistakes become messages.
+
+        smp runs without guidance (its tiny model is trained for that); flf2v at its model's own guidance.
+        """
         from storydiffusion.app.video_runner import TransitionSettings
 
         try:
-            settings = TransitionSettings(
-                num_frames=int(frames), steps=int(steps), seed=int(seed), motion=motion, guidance=1.0
-            )
             started = time.perf_counter()
+            with self._lock:  # loading it here (once) tells its guidance; generation takes the lock again
+                guidance = self._video_pipeline(backend).default_guidance
+            settings = TransitionSettings(
+                num_frames=int(frames), steps=int(steps), seed=int(seed), motion=motion, guidance=guidance
+            )
+
+            def advance(done: int, total: int) -> None:
+                progress((done, total), desc="transitions", unit="transitions")
+
             path = (
-                self.story_video(session, settings)
+                self.story_video(session, settings, backend=backend, on_transition=advance)
                 if whole_story
-                else self.transition_video(session, int(start), int(end), settings)
+                else self.transition_video(session, int(start), int(end), settings, backend=backend)
             )
             return _message(f"Wrote {path.name} in {time.perf_counter() - started:.1f} s."), str(path)
         except StoryDiffusionError as error:
             return _message(str(error), error=True), None
+
+    @staticmethod
+    def video_frames_for(backend: str) -> dict[str, Any]:
+        """The frames slider for `backend`: smp's 8 of at most 16; for flf2v 9 (= 4k+1 for Wan and 8k+1 for
+        LTX: a valid count for both, and a short preview) of up to 161 (LTX's own length)."""
+        return {"value": 8, "maximum": 16} if backend == "smp" else {"value": 9, "maximum": 161}
+
+    def on_video_backend(self, backend: str) -> Any:
+        """A backend chosen: the frames slider moves to a count it makes."""
+        return gr.update(**self.video_frames_for(backend))
 
     # -- the page ------------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
@@ -479,9 +548,10 @@ class StoryApp:
                             guidance = gr.Slider(0.0, 15.0, d["guidance"], step=0.5, label="Guidance")
                     with gr.Accordion("Reuse characters", open=False):
                         bank_upload = gr.File(
-                            label="Bank files to reuse (Name.safetensors from an earlier run's banks)",
+                            label="Characters to reuse (Name.character.json from an earlier run, or a full bank "
+                            "Name.safetensors)",
                             file_count="multiple",
-                            file_types=[".safetensors"],
+                            file_types=[".json", ".safetensors"],
                             elem_id="bank-upload",
                         )
                         reuse = gr.Button("Reuse this session's last characters", size="sm")
@@ -492,12 +562,14 @@ class StoryApp:
                     with gr.Row():
                         pdf = gr.File(label="Comic (PDF)", elem_id="pdf")
                         archive = gr.File(label="Run (zip)", elem_id="zip")
-                        banks = gr.File(label="Characters (bank files)", file_count="multiple", elem_id="banks")
+                        banks = gr.File(label="Characters (character files)", file_count="multiple", elem_id="banks")
                 with gr.Tab("Video"):
                     gr.Markdown(
                         "Animate the last story you generated here: a transition between two of its panels, "
-                        "or every pair of consecutive panels chained into one video (the Semantic Motion "
-                        "Predictor plans the in-between frames; the next panel's prompt says what happens)."
+                        "or every pair of consecutive panels chained into one video (the next panel's prompt "
+                        "says what happens). Backends: **smp**, this project's Semantic Motion Predictor and "
+                        "transition model; **flf2v**, a diffusers first/last-frame video model (Wan: 4k+1 "
+                        "frames, LTX: 8k+1), where the server offers one."
                     )
                     with gr.Row():
                         whole_story = gr.Checkbox(False, label="Whole story (all panels in order)")
@@ -508,6 +580,9 @@ class StoryApp:
                         video_steps = gr.Slider(1, 50, 10, step=1, label="Steps")
                         video_seed = gr.Number(0, label="Seed", precision=0, minimum=0)
                         motion = gr.Radio(["smp", "linear"], value="smp", label="Motion")
+                        video_backend = gr.Dropdown(
+                            list(self.video_models), value=self.video_backend, label="Backend", elem_id="video-backend"
+                        )
                     animate = gr.Button("Animate", variant="primary", elem_id="animate")
                     video_message = gr.Markdown(elem_id="video-message")
                     video = gr.Video(label="Video", elem_id="video")
@@ -517,7 +592,11 @@ class StoryApp:
             # one generation at a time per app (see the class docstring); the rest wait in the queue
             generate.click(self.on_generate, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
             reuse.click(self.on_reuse, [session], [bank_upload, message])
-            video_inputs = [session, whole_story, start_panel, end_panel, video_frames, video_steps, video_seed, motion]
+            video_inputs = [
+                *(session, whole_story, start_panel, end_panel, video_frames, video_steps, video_seed, motion),
+                video_backend,
+            ]
+            video_backend.change(self.on_video_backend, [video_backend], [video_frames])
             animate.click(
                 self.on_video, video_inputs, [video_message, video], concurrency_limit=1, concurrency_id="generate"
             )
@@ -543,13 +622,33 @@ class StoryApp:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+def zip_run(run_dir: Path) -> Path:
+    """A zip of the run's files, without the full identity banks: those are caches (an SDXL character's is
+    gigabytes) that its small character file in banks/ regenerates exactly."""
+    archive = run_dir / "storydiffusion-run.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for path in sorted((run_dir / RUN_DIR).rglob("*")):
+            relative = path.relative_to(run_dir)
+            if path.is_file() and not (relative.parent.name == "banks" and path.suffix == ".safetensors"):
+                zipped.write(path, relative.as_posix())
+    return archive
+
+
 def _message(text: str, error: bool = False) -> str:
     return f"**Error:** {_markdown_text(text)}" if error else _markdown_text(text)
 
 
-def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, video_model: str = TINY) -> None:
-    """`storydiffusion ui`: load the model, serve the page until interrupted, then delete the runs."""
-    app = StoryApp(model, video_model=video_model)
+def serve(
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    video_model: str = TINY,
+    flf2v_model: str | None = None,
+    video_backend: str = "smp",
+) -> None:
+    """`storydiffusion ui`: load the model, serve the page until interrupted, then delete the runs.
+    `flf2v_model`: also offer the flf2v backend in the video tab, with this model."""
+    app = StoryApp(model, video_model=video_model, flf2v_model=flf2v_model, video_backend=video_backend)
     try:
         app.preload()
         app.launch(host, port)

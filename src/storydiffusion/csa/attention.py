@@ -79,9 +79,11 @@ class CSAConfig:
     # latent (1 = full latent grid, 2 = half, ...); a float applies to every level. The public
     # code's sa32/sa64 at 1024 px are the SDXL levels 4 and 2.
     rate: float | Mapping[int, float] = 0.5
-    # Glob patterns over self-attention module names (`up_blocks.0.attentions.1.transformer_blocks.0.attn1`);
-    # the default is the public code's choice: decoder self-attention only.
-    layers: Sequence[str] = ("up_blocks.*",)
+    # Glob patterns over the attention module names: a UNet's self-attention
+    # (`up_blocks.0.attentions.1.transformer_blocks.0.attn1`), a DiT's joint attention
+    # (`single_transformer_blocks.3.attn`). None: the denoiser's default (`controller.DEFAULT_LAYERS`): on a
+    # UNet the public code's choice, decoder self-attention only; on a DiT every other block.
+    layers: Sequence[str] | None = None
     # Restrict to these resolution levels (downsampling factors); None keeps every matched level.
     levels: Sequence[int] | None = None
     schedule: CSASchedule = field(default_factory=CSASchedule)
@@ -94,8 +96,17 @@ class CSAConfig:
     # Reference phase: lend (and store in the bank) only tokens inside each reference image's subject mask,
     # inferred like the frame masks: a smaller bank, and backgrounds and layouts left free (ConsiStory).
     subject_only: bool = False
+    # Frames with user-given regions: each character's description tokens are read by the cross-attention only
+    # inside its region (`csa.regions`, UNet pipelines), against attributes leaking between two descriptions.
+    regional_prompts: bool = False
+    # DiT joint attention only (`csa.joint`): where borrowed keys sit for the rotary embedding ("source":
+    # their own positions; "none": unrotated), and whether text queries may see borrowed keys
+    positions: str = "source"
+    text_sees_borrowed: bool = False
 
     def __post_init__(self) -> None:
+        if self.positions not in ("source", "none"):
+            raise StoryDiffusionError(f"CSAConfig.positions={self.positions!r} must be 'source' or 'none'")
         if self.subject_masks not in ("infer", "off"):
             raise StoryDiffusionError(f"CSAConfig.subject_masks={self.subject_masks!r} must be 'infer' or 'off'")
         if not 0.0 <= self.mask_until <= 1.0:

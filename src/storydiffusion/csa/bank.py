@@ -9,12 +9,22 @@ Storage is compact on purpose: by default int8 with one fp16 scale per token (th
 entering self-attention come out of a LayerNorm, so per-token absmax quantisation loses ~0.4% of a
 token's largest entry), kept on the CPU so the accelerator holds none of it between reads.
 A bank saves to one safetensors file together with the settings it is valid for.
+
+Where the entries live is `BankStorage`: in RAM, or on disk — written entry by entry while the
+reference phase runs and read back one (step, layer) entry at a time, so a 6 GiB SDXL bank costs a few
+MiB of RAM and reads back the very bytes an in-RAM bank would hold. What is kept can be cut further, at
+a measured loss (`BankCompaction`: fewer tokens, one entry for neighbouring steps; `int4` storage).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import re
+import weakref
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,11 +33,67 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from storydiffusion.csa.bank_file import EntryFile, _as_bytes
 from storydiffusion.errors import BankMismatchError, StoryDiffusionError
 
-BANK_FORMAT_VERSION = 2  # 2: settings carry the scheduler config, CSA layers, adapters, weights probe
-STORAGE_DTYPES = ("int8", "float16", "bfloat16", "float32")
+# 2: settings carry the scheduler config, CSA layers, adapters, weights probe; 3: shared-step aliases,
+# compaction, content digest, the recipe, int4 storage
+BANK_FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # a version-2 file is a version-3 one without the additions
+STORAGE_DTYPES = ("int8", "float16", "bfloat16", "float32", "int4")  # int4 is lossy beyond int8
+STORAGE_MODES = ("memory", "disk", "auto")
 _INT8_MAX = 127.0
+_INT4_MAX = 7.0
+_INT4_GROUP = 64  # channels per int4 scale: one scale per token (as int8 has) loses too much at 4 bits
+
+
+@dataclass(frozen=True)
+class BankStorage:
+    """Where a bank's entries live. Every mode reads back exactly the bytes that were stored."""
+
+    # "memory": in RAM (or on the bank's device). "disk": in a file, written entry by entry during the
+    # reference phase and read back one (step, layer) entry at a time, so RAM holds a few entries, not the
+    # bank. "auto": in RAM until the bank passes `memory_limit` bytes, then moved to disk.
+    mode: str = "memory"
+    directory: str | None = None  # folder for disk banks' files; None: tempfile's default ($TMPDIR)
+    memory_limit: int = 256 << 20  # "auto": bytes a bank may hold in RAM before it moves to disk
+    # disk, reads bound for a GPU: entries read ahead, in (step, layer) order, on a background thread while
+    # the GPU computes. Reads for CPU compute stay in line: there a second thread only competes with the
+    # compute for the cores (measured: reads 1.2-1.5x slower with read-ahead on 2 busy cores)
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        if self.mode not in STORAGE_MODES:
+            raise StoryDiffusionError(f"bank_storage={self.mode!r} is not supported; use one of {STORAGE_MODES}")
+        if self.memory_limit < 0 or self.prefetch < 0:
+            raise StoryDiffusionError(
+                f"BankStorage(memory_limit={self.memory_limit}, prefetch={self.prefetch}): both must be >= 0"
+            )
+
+
+def as_storage(value: BankStorage | str) -> BankStorage:
+    """A `BankStorage` from itself or its mode's name ("memory", "disk", "auto")."""
+    return value if isinstance(value, BankStorage) else BankStorage(mode=value)
+
+
+@dataclass(frozen=True)
+class BankCompaction:
+    """Lossy ways to make a bank smaller; the defaults keep everything (the exact bank)."""
+
+    keep_tokens: float = 1.0  # share of each entry's sampled tokens kept, evenly spaced over them
+    # neighbouring steps sharing one entry: a step reads the first entry written in its group of
+    # `share_steps` (s // share_steps equal), at the (step, layer) pairs the schedule ran CSA at
+    share_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep_tokens <= 1.0:
+            raise StoryDiffusionError(f"BankCompaction.keep_tokens={self.keep_tokens} must be in (0, 1]")
+        if not isinstance(self.share_steps, int) or self.share_steps < 1:
+            raise StoryDiffusionError(f"BankCompaction.share_steps={self.share_steps!r} must be an integer >= 1")
+
+    @property
+    def exact(self) -> bool:
+        return self.keep_tokens == 1.0 and self.share_steps == 1
 
 
 @dataclass(frozen=True)
@@ -109,8 +175,160 @@ def dequantize_int8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     return (values.float() * scale.float()).to(dtype)
 
 
+def int4_group(channels: int) -> int:
+    """Channels per int4 scale: `_INT4_GROUP`, or the largest power of two dividing `channels` below it."""
+    return math.gcd(channels, _INT4_GROUP)
+
+
+def quantize_int4(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 per group of channels: (..., C) -> two values a byte (..., C/2) uint8, fp16 scales
+    (..., C/group). Values -7..7 are stored offset by 8, the low nibble first."""
+    channels = tokens.shape[-1]
+    if channels % 2:
+        raise StoryDiffusionError(f"int4 bank storage packs two channels a byte; these tokens have {channels}")
+    grouped = tokens.float().unflatten(-1, (-1, int4_group(channels)))  # (..., groups, group)
+    low, high = grouped.aminmax(dim=-1, keepdim=True)
+    scale = torch.maximum(-low, high).clamp_min_(1e-8) / _INT4_MAX
+    levels = (grouped / scale).round_().clamp_(-_INT4_MAX, _INT4_MAX).add_(8).to(torch.uint8).flatten(-2)
+    packed = levels[..., 0::2] | (levels[..., 1::2] << 4)
+    return packed, scale.squeeze(-1).to(torch.float16)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize_int4`, in the compute dtype."""
+    levels = torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)  # (..., C)
+    grouped = (levels.float() - 8).unflatten(-1, (scale.shape[-1], -1))  # (..., groups, group)
+    return (grouped * scale.float().unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+def keep_evenly(tokens: torch.Tensor, fraction: float) -> torch.Tensor:
+    """`fraction` of an entry's tokens (halves, M, C), evenly spaced over M (at least one)."""
+    if fraction >= 1.0:
+        return tokens
+    count = tokens.shape[1]
+    kept = max(1, round(count * fraction))
+    index = torch.arange(kept, device=tokens.device) * count // kept
+    return tokens.index_select(1, index)
+
+
+def encode_tokens(tokens: torch.Tensor, storage_dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens in a storage dtype: (values, scales), scales None for the float storages."""
+    if storage_dtype == "int8":
+        return quantize_int8(tokens)
+    if storage_dtype == "int4":
+        return quantize_int4(tokens)
+    return tokens.to(getattr(torch, storage_dtype)), None
+
+
 def _entry_key(step: int, layer: str) -> str:
     return f"{step}/{layer}"
+
+
+def _natural_key(key: str) -> tuple[str | int, ...]:
+    """'12/up_blocks.0.attentions.10...' sorts after '12/up_blocks.0.attentions.9...': a UNet's call order."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key))
+
+
+def _tensor_bytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+def _read_parts(file: EntryFile, stored: str, first_row: int, pin: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An entry's values and scales from a bank file, from guidance half `first_row` on."""
+    scales = f"scales/{stored}"
+    values = file.read(f"values/{stored}", first_row, pin)
+    return values, file.read(scales, first_row, pin) if scales in file.locations else None
+
+
+class _DiskState:
+    """A disk bank's open file and its read-ahead thread: closed with the bank, or when it is collected.
+
+    Holds no reference to the bank, so a bank nobody uses is collected and its temporary file goes."""
+
+    def __init__(self, file: EntryFile, prefetch: int) -> None:
+        self.file = file
+        self.prefetch = prefetch
+        self.pool: ThreadPoolExecutor | None = None
+        self.ahead: dict[tuple[str, int, bool], Future] = {}  # (entry, first row, pinned) -> its read
+
+    def read(
+        self,
+        stored: str,
+        first_row: int,
+        pin: bool,
+        order: list[str],
+        position: Mapping[str, int],
+        ahead: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Entry `stored`, read ahead already or now; then, with `ahead`, the next entries in `order` are
+        read ahead."""
+        future = self.ahead.pop((stored, first_row, pin), None)
+        parts = future.result() if future is not None else _read_parts(self.file, stored, first_row, pin)
+        if ahead:
+            self._read_ahead(stored, first_row, pin, order, position)
+        return parts
+
+    def _read_ahead(
+        self, stored: str, first_row: int, pin: bool, order: list[str], position: Mapping[str, int]
+    ) -> None:
+        ahead = min(self.prefetch, len(order) - 1)
+        if ahead <= 0:
+            return
+        start = position[stored]
+        # wrapping round: the next frame starts at the first entry again
+        window = [(order[(start + j) % len(order)], first_row, pin) for j in range(1, ahead + 1)]
+        for key in [key for key in self.ahead if key not in window]:
+            self.ahead.pop(key).cancel()  # reads went another way: drop what no one will ask for
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storydiffusion-bank")
+        for key in window:
+            if key not in self.ahead:
+                self.ahead[key] = self.pool.submit(_read_parts, self.file, *key)
+
+    def held_bytes(self) -> int:
+        """Bytes of the entries read ahead (an upper bound: some reads may still be under way)."""
+        total = 0
+        for stored, first_row, _ in self.ahead:
+            for name in (f"values/{stored}", f"scales/{stored}"):
+                location = self.file.locations.get(name)
+                if location is not None:
+                    rows = max(location.shape[0], 1)
+                    total += location.nbytes * (rows - first_row) // rows
+        return total
+
+    def drain(self) -> None:
+        """Cancel or finish every read ahead (before the file changes)."""
+        for future in self.ahead.values():
+            future.cancel()
+        for future in self.ahead.values():
+            if not future.cancelled():
+                future.exception()  # waits; a failed read ahead is simply not used
+        self.ahead.clear()
+
+    def swap(self, file: EntryFile) -> None:
+        """Read from `file` from now on (the same tensors, e.g. the saved copy of a temporary file)."""
+        self.drain()
+        self.file.close()
+        self.file = file
+
+    def close(self) -> None:
+        self.drain()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+        self.file.close()
+
+
+def check_bank_settings(character: str, bank: BankSettings, run: BankSettings, source: str | None = None) -> None:
+    """Raise `BankMismatchError` if a bank of `character` made under `bank` settings cannot serve `run`."""
+    problems = bank.mismatches(run)
+    if problems:
+        where = f" ({source})" if source else ""
+        raise BankMismatchError(
+            f"identity bank of {character!r}{where} was made for other settings — "
+            + "; ".join(problems)
+            + ". Use the bank's settings for this run or regenerate the character's reference frames."
+        )
 
 
 class IdentityBank:
@@ -118,6 +336,10 @@ class IdentityBank:
 
     Each entry holds `(guidance_halves, tokens, channels)`: for every guidance half, the tokens
     sampled from all of the character's reference images at that step and layer.
+
+    `storage` says where entries live (`BankStorage`; "memory" by default here, `StoryPipeline` picks
+    "auto"); `compaction` what is kept of them (`BankCompaction`; everything by default). `recipe` is what
+    regenerates the bank (`pipelines.characters.CharacterRecipe`, as JSON); the bank only carries it.
     """
 
     def __init__(
@@ -126,6 +348,9 @@ class IdentityBank:
         settings: BankSettings,
         storage_dtype: str = "int8",
         device: str | torch.device = "cpu",
+        storage: BankStorage | str = "memory",
+        compaction: BankCompaction | None = None,
+        recipe: Mapping[str, Any] | None = None,
     ) -> None:
         if storage_dtype not in STORAGE_DTYPES:
             raise StoryDiffusionError(f"bank_dtype={storage_dtype!r} is not supported; use one of {STORAGE_DTYPES}")
@@ -133,89 +358,264 @@ class IdentityBank:
         self.settings = settings
         self.storage_dtype = storage_dtype
         self.device = torch.device(device)
-        self._values: dict[str, torch.Tensor] = {}
-        self._scales: dict[str, torch.Tensor] = {}  # int8 storage only
+        self.storage = as_storage(storage)
+        self.compaction = compaction or BankCompaction()
+        self.recipe = dict(recipe) if recipe is not None else None
+        if self.storage.mode == "disk" and self.device.type != "cpu":
+            raise StoryDiffusionError(
+                f"bank_storage='disk' keeps the bank in a file and bank_device={str(self.device)!r} asks for it on "
+                "an accelerator; use bank_device='cpu' (reads go to the GPU through pinned memory) or 'memory'"
+            )
+        # every (step, layer) the bank answers -> the stored entry it reads (itself, or with
+        # `compaction.share_steps` the entry of an earlier step of its group)
+        self._present: dict[str, str] = {}
+        self._values: dict[str, torch.Tensor] = {}  # in-memory entries
+        self._scales: dict[str, torch.Tensor] = {}  # int8/int4 storage only
+        # per stored entry, where each token sat in its joint sequence (DiTs with rotary positions: Flux);
+        # int32, always in RAM (4 bytes a token against the entry's C), saved with the bank
+        self._positions: dict[str, torch.Tensor] = {}
+        self._memory_bytes = 0
+        self._disk: _DiskState | None = None  # entries on disk (all of them: a bank is in one place)
+        self._close_disk: weakref.finalize | None = None
+        self._order: tuple[list[str], dict[str, int]] | None = None  # stored entries in UNet call order
+        self._digest = hashlib.sha256()  # of everything put, in order: a regenerated bank must match it
+        self._saved_digest: str | None = None  # a loaded bank's, as its file recorded it
 
     def __repr__(self) -> str:
+        where = "disk" if self._disk is not None else str(self.device)
         return (
             f"IdentityBank(character={self.character!r}, entries={len(self)}, dtype={self.storage_dtype}, "
-            f"device={self.device}, bytes={self.nbytes:,})"
+            f"storage={self.storage.mode}, on={where}, bytes={self.nbytes:,})"
         )
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self._present)
 
     def __contains__(self, key: tuple[int, str]) -> bool:
-        return _entry_key(*key) in self._values
+        return _entry_key(*key) in self._present
 
     def keys(self) -> Iterator[tuple[int, str]]:
-        for key in self._values:
+        for key in self._present:
             step, layer = key.split("/", 1)
             yield int(step), layer
 
     def reset(self) -> None:
+        self._present.clear()
         self._values.clear()
         self._scales.clear()
+        self._positions.clear()
+        self._memory_bytes = 0
+        self.close()
+        self._order = None
+        self._digest = hashlib.sha256()
+        self._saved_digest = None
+
+    def close(self) -> None:
+        """Close a disk bank's file (a temporary one is deleted); its entries can no longer be read."""
+        if self._close_disk is not None:
+            self._close_disk()  # runs `_DiskState.close` once, now instead of when the bank is collected
+        self._disk, self._close_disk = None, None
+
+    @property
+    def on_disk(self) -> bool:
+        return self._disk is not None
+
+    @property
+    def digest(self) -> str:
+        """sha256 over every entry put, in order ("" for a loaded file that recorded none)."""
+        return self._saved_digest if self._saved_digest is not None else self._digest.hexdigest()
 
     # -- writing and reading -------------------------------------------------------------
     def put(self, step: int, layer: str, tokens: torch.Tensor) -> None:
         """Store `tokens` (guidance_halves, num_tokens, channels) for (step, layer)."""
         key = _entry_key(step, layer)
-        if self.storage_dtype == "int8":
-            values, scale = quantize_int8(tokens.detach())
-            self._scales[key] = scale.to(self.device)
-        else:
-            values = tokens.detach().to(getattr(torch, self.storage_dtype))
+        shared = self._shared_entry(step, layer)
+        if shared is not None:  # compaction.share_steps: an earlier step of the group stands in (lossy)
+            self._present[key] = shared
+            self._digest.update(f"{key}->{shared};".encode())
+            return
+        values, scale = encode_tokens(keep_evenly(tokens.detach(), self.compaction.keep_tokens), self.storage_dtype)
         # quantised on the compute device, then moved: a blocking copy, since an asynchronous
         # device-to-host copy into pageable memory could be read before it lands
-        self._values[key] = values.to(self.device)
+        values = values.to(self.device)
+        scale = None if scale is None else scale.to(self.device)
+        self._digest.update(key.encode())
+        for part in (values, scale):
+            if part is not None:
+                self._digest.update(f"{part.dtype}{tuple(part.shape)}".encode())
+                self._digest.update(_as_bytes(part.cpu()))
+        self._store(key, values, scale)
+        self._present[key] = key
+        self._order = None
+        if (
+            self.storage.mode == "auto"
+            and self._disk is None
+            and self.device.type == "cpu"
+            and self._memory_bytes > self.storage.memory_limit
+        ):
+            self._spill()
+
+    def put_positions(self, step: int, layer: str, positions: torch.Tensor) -> None:
+        """Store where the tokens `put` for (step, layer) sat in their sequence: (num_tokens,) integers, in the
+        entry's token order (kept through `compaction.keep_tokens` as the tokens are)."""
+        key = _entry_key(step, layer)
+        stored = self._present.get(key)
+        if stored is None:
+            raise StoryDiffusionError(f"put_positions({step}, {layer!r}) before put: store the tokens first")
+        if stored != key:
+            return  # a step sharing an earlier step's entry reads that entry's positions
+        kept = keep_evenly(positions.detach()[None, :, None], self.compaction.keep_tokens)[0, :, 0]
+        kept = kept.to(device="cpu", dtype=torch.int32)
+        self._digest.update(f"positions/{key}".encode())
+        self._digest.update(_as_bytes(kept))
+        self._positions[key] = kept
+
+    def get_positions(self, step: int, layer: str) -> torch.Tensor | None:
+        """The positions stored for (step, layer)'s entry (`put_positions`), or None."""
+        stored = self._present.get(_entry_key(step, layer))
+        return None if stored is None else self._positions.get(stored)
+
+    def _shared_entry(self, step: int, layer: str) -> str | None:
+        """With `compaction.share_steps`: the stored entry of an earlier step of this step's group, if any."""
+        share = self.compaction.share_steps
+        for earlier in range(step - step % share, step) if share > 1 else ():
+            stored = self._present.get(_entry_key(earlier, layer))
+            if stored is not None:
+                return stored
+        return None
+
+    def _store(self, key: str, values: torch.Tensor, scale: torch.Tensor | None) -> None:
+        if self._disk is None and self.storage.mode == "disk":
+            self._open_disk(EntryFile.temporary(self.storage.directory))
+        if self._disk is not None:
+            self._disk.file.append(f"values/{key}", values)
+            if scale is not None:
+                self._disk.file.append(f"scales/{key}", scale)
+            return
+        self._memory_bytes -= _tensor_bytes(self._values.get(key)) + _tensor_bytes(self._scales.get(key))
+        self._values[key] = values
+        if scale is not None:
+            self._scales[key] = scale
+        self._memory_bytes += _tensor_bytes(values) + _tensor_bytes(scale)
+
+    def _open_disk(self, file: EntryFile) -> _DiskState:
+        state = _DiskState(file, self.storage.prefetch)
+        self._disk = state
+        self._close_disk = weakref.finalize(self, state.close)  # the file goes with the bank, even uncollected
+        return state
+
+    def _spill(self) -> None:
+        """Move every in-memory entry to a disk file ("auto" storage past its memory limit)."""
+        disk = self._open_disk(EntryFile.temporary(self.storage.directory))
+        for key, values in self._values.items():
+            disk.file.append(f"values/{key}", values)
+            if key in self._scales:
+                disk.file.append(f"scales/{key}", self._scales[key])
+        self._values.clear()
+        self._scales.clear()
+        self._memory_bytes = 0
+
+    def _read_order(self) -> tuple[list[str], dict[str, int]]:
+        """The stored entries in the order a frame reads them (step, then the UNet's layer order)."""
+        if self._order is None:
+            order = sorted(set(self._present.values()), key=_natural_key)
+            self._order = order, {key: i for i, key in enumerate(order)}
+        return self._order
 
     def entry_tokens(self, step: int, layer: str) -> int:
         """How many tokens the entry (step, layer) holds per guidance half (0 when none)."""
-        values = self._values.get(_entry_key(step, layer))
-        return 0 if values is None else values.shape[1]
+        stored = self._present.get(_entry_key(step, layer))
+        if stored is None:
+            return 0
+        if stored in self._values:
+            return self._values[stored].shape[1]
+        return self._disk.file.locations[f"values/{stored}"].shape[1]
 
     def get(
         self, step: int, layer: str, dtype: torch.dtype, device: torch.device, guidance_halves: int
     ) -> torch.Tensor | None:
         """Tokens for (step, layer) as (guidance_halves, num_tokens, channels), or None if not stored."""
-        key = _entry_key(step, layer)
-        values = self._values.get(key)
-        if values is None:
+        stored = self._present.get(_entry_key(step, layer))
+        if stored is None:
             return None
-        values = values[-guidance_halves:]  # the cond half is last, as in diffusers' CFG batches
+        device = torch.device(device)
+        if stored in self._values:
+            values = self._values[stored][-guidance_halves:]  # the cond half is last, as in diffusers' CFG batches
+            scale = self._scales.get(stored)
+            scale = None if scale is None else scale[-guidance_halves:]
+        else:  # from the file, only the halves asked for; page-locked when bound for a GPU
+            if self._disk is None:
+                raise StoryDiffusionError(
+                    f"the identity bank of {self.character!r} was closed, and its entries with it; load it again"
+                )
+            rows = self._disk.file.locations[f"values/{stored}"].shape[0]
+            pin = device.type == "cuda"
+            ahead = device.type != "cpu"  # see BankStorage.prefetch
+            values, scale = self._disk.read(stored, max(0, rows - guidance_halves), pin, *self._read_order(), ahead)
         if self.storage_dtype == "int8":
-            scale = self._scales[key][-guidance_halves:]
             return dequantize_int8(values.to(device, non_blocking=True), scale.to(device, non_blocking=True), dtype)
+        if self.storage_dtype == "int4":
+            return dequantize_int4(values.to(device, non_blocking=True), scale.to(device, non_blocking=True), dtype)
         return values.to(device=device, dtype=dtype, non_blocking=True)
 
     # -- size ----------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Total bytes held, all devices."""
-        return sum(self.nbytes_by_device().values())
+        """The bank's size: bytes of its stored entries, wherever they are (RAM, devices, disk)."""
+        return sum(self.nbytes_by_device().values()) + self.nbytes_on_disk
 
     def nbytes_by_device(self) -> dict[str, int]:
+        """Bytes of the entries held in memory, per device (a disk bank's entries are not among them)."""
         sizes: dict[str, int] = {}
-        for tensor in [*self._values.values(), *self._scales.values()]:
+        for tensor in [*self._values.values(), *self._scales.values(), *self._positions.values()]:
             device = str(tensor.device)
             sizes[device] = sizes.get(device, 0) + tensor.numel() * tensor.element_size()
         return sizes
 
+    @property
+    def nbytes_on_disk(self) -> int:
+        return 0 if self._disk is None else self._disk.file.nbytes
+
+    @property
+    def resident_bytes(self) -> int:
+        """Tensor bytes the bank holds in memory now: in-memory entries plus a disk bank's reads ahead."""
+        held = 0 if self._disk is None else self._disk.held_bytes()
+        return sum(self.nbytes_by_device().values()) + held
+
+    @property
+    def stored_entries(self) -> int:
+        """Entries stored (fewer than `len(bank)` when neighbouring steps share one)."""
+        return len(set(self._present.values()))
+
     # -- files ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write the bank and its settings to one safetensors file."""
+        """Write the bank and its settings to one safetensors file.
+
+        A disk bank streams its file's entries into it (a few MiB of RAM at a time) and reads from the saved
+        file from then on, so its temporary file goes and the disk holds one copy."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"values/{k}": v.contiguous().cpu() for k, v in self._values.items()}
-        tensors |= {f"scales/{k}": s.contiguous().cpu() for k, s in self._scales.items()}
         metadata = {
             "format": "storydiffusion.identity_bank",
             "version": str(BANK_FORMAT_VERSION),
             "character": self.character,
             "storage_dtype": self.storage_dtype,
             "settings": json.dumps(asdict(self.settings)),
+            "compaction": json.dumps(asdict(self.compaction)),
+            "aliases": json.dumps({key: stored for key, stored in self._present.items() if key != stored}),
+            "digest": self.digest,
         }
+        if self.recipe is not None:
+            metadata["recipe"] = json.dumps(self.recipe)
+        if self._disk is not None:
+            for key, positions in self._positions.items():
+                if f"positions/{key}" not in self._disk.file.locations:
+                    self._disk.file.append(f"positions/{key}", positions)
+            self._disk.swap(self._disk.file.save_safetensors(path, metadata))
+            return path
+        tensors = {f"values/{k}": v.contiguous().cpu() for k, v in self._values.items()}
+        tensors |= {f"scales/{k}": s.contiguous().cpu() for k, s in self._scales.items()}
+        tensors |= {f"positions/{k}": p.contiguous() for k, p in self._positions.items()}
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(path)  # an interrupted save never leaves a half-written bank behind
@@ -243,38 +643,62 @@ class IdentityBank:
 
     @classmethod
     def load(
-        cls, path: str | Path, expected: BankSettings | None = None, device: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        expected: BankSettings | None = None,
+        device: str | torch.device = "cpu",
+        storage: BankStorage | str = "memory",
     ) -> IdentityBank:
-        """Read a bank file; with `expected`, refuse one made under other settings."""
+        """Read a bank file; with `expected`, refuse one made under other settings.
+
+        `storage` "disk" indexes the file and reads each entry when it is asked for (the file must stay
+        where it is while the bank is used); "auto" does so for files larger than its memory limit."""
         path = Path(path)
+        storage = as_storage(storage)
         metadata = cls.read_metadata(path)
-        try:
-            tensors = load_file(str(path), device=str(device))
-        except Exception as error:  # safetensors raises several types for a damaged file
-            raise StoryDiffusionError(f"bank file {path} is not a readable safetensors file: {error}") from error
-        if metadata.get("format") != "storydiffusion.identity_bank":
-            raise StoryDiffusionError(f"{path} is not a storydiffusion identity bank (no bank metadata)")
-        if int(metadata.get("version", "0")) != BANK_FORMAT_VERSION:
+        version = metadata.get("version", "0")
+        if not version.isdigit() or int(version) not in READABLE_VERSIONS:
             raise StoryDiffusionError(
-                f"{path} uses bank format version {metadata.get('version')}; this storydiffusion reads "
-                f"version {BANK_FORMAT_VERSION}: regenerate the character"
+                f"{path} uses bank format version {version}; this storydiffusion reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}: regenerate the character"
             )
         settings = BankSettings.from_json(metadata["settings"])
-        bank = cls(metadata["character"], settings, metadata["storage_dtype"], device)
-        for name, tensor in tensors.items():
+        compaction = BankCompaction(**json.loads(metadata.get("compaction", "{}")))
+        recipe = json.loads(metadata["recipe"]) if "recipe" in metadata else None
+        bank = cls(metadata["character"], settings, metadata["storage_dtype"], device, storage, compaction, recipe)
+        lazily = storage.mode == "disk" or (
+            storage.mode == "auto" and bank.device.type == "cpu" and path.stat().st_size > storage.memory_limit
+        )
+        if lazily:
+            names = list(bank._open_disk(EntryFile.open_safetensors(path)[0]).file.locations)
+            if any(name.startswith("positions/") for name in names):
+                with safe_open(str(path), framework="pt") as handle:
+                    for name in names:
+                        if name.startswith("positions/"):
+                            bank._positions[name.split("/", 1)[1]] = handle.get_tensor(name)
+        else:
+            try:
+                tensors = load_file(str(path), device=str(device))
+            except Exception as error:  # safetensors raises several types for a damaged file
+                raise StoryDiffusionError(f"bank file {path} is not a readable safetensors file: {error}") from error
+            for name, tensor in tensors.items():
+                kind, key = name.split("/", 1)
+                if kind == "positions":
+                    bank._positions[key] = tensor.cpu()
+                    continue
+                (bank._values if kind == "values" else bank._scales)[key] = tensor
+                bank._memory_bytes += _tensor_bytes(tensor)
+            names = list(tensors)
+        for name in names:
             kind, key = name.split("/", 1)
-            (bank._values if kind == "values" else bank._scales)[key] = tensor
+            if kind == "values":
+                bank._present[key] = key
+        bank._present.update(json.loads(metadata.get("aliases", "{}")))
+        bank._saved_digest = metadata.get("digest", "")
         if expected is not None:
             bank.check_compatible(expected, source=str(path))
         return bank
 
     def check_compatible(self, run: BankSettings, source: str | None = None) -> None:
         """Raise `BankMismatchError` if this bank cannot serve a run with settings `run`."""
-        problems = self.settings.mismatches(run)
-        if problems:
-            where = f" ({source})" if source else ""
-            raise BankMismatchError(
-                f"identity bank of {self.character!r}{where} was made for other settings — "
-                + "; ".join(problems)
-                + ". Use the bank's settings for this run or regenerate the character's reference frames."
-            )
+        check_bank_settings(self.character, self.settings, run, source)

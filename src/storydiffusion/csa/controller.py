@@ -28,44 +28,86 @@ from storydiffusion.csa.attention import (
     sample_token_indices,
 )
 from storydiffusion.csa.bank import IdentityBank
+from storydiffusion.csa.joint import JointConsistentAttnProcessor
 from storydiffusion.csa.masks import exclusive, grid_shape, resize_mask
+from storydiffusion.csa.regions import RegionalCrossAttnProcessor
 from storydiffusion.csa.subjects import SubjectMapRecorder, SubjectMaps
 from storydiffusion.errors import StoryDiffusionError
 
 Mode = Literal["off", "mutual", "read"]
 
 
-def denoising_timesteps(scheduler: Any, num_inference_steps: int) -> list[float]:
+def denoising_timesteps(scheduler: Any, num_inference_steps: int, **set_timesteps_kwargs: Any) -> list[float]:
     """The distinct timesteps, in loop order, that `scheduler` runs for `num_inference_steps` (on a copy:
-    the pipeline's scheduler is untouched). A second-order scheduler's repeated timesteps count once."""
+    the pipeline's scheduler is untouched). A second-order scheduler's repeated timesteps count once.
+    `set_timesteps_kwargs` (e.g. a flow-matching schedule's `sigmas=` and `mu=`) go to `set_timesteps`."""
     scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(num_inference_steps)
+    if set_timesteps_kwargs:
+        scheduler.set_timesteps(**set_timesteps_kwargs)
+    else:
+        scheduler.set_timesteps(num_inference_steps)
     timesteps = torch.as_tensor(scheduler.timesteps).double().cpu()
     return torch.unique_consecutive(timesteps).tolist()
 
 
-def self_attention_layers(unet: Any) -> list[str]:
-    """Names of a UNet's self-attention modules (`...attn1`), in processor order."""
-    names = [key.removesuffix(".processor") for key in unet.attn_processors]
-    return [name for name in names if name.endswith(".attn1")]
+ModelKind = Literal["unet", "flux", "sd3"]
+
+# CSA layers when `CSAConfig.layers` is None, per denoiser: the public code's decoder self-attention on a
+# UNet; on a DiT every other joint-attention block of the later stage (Flux's single-stream blocks) or of
+# all blocks (SD3), which keeps the bank at half the size of every block for most of the effect
+DEFAULT_LAYERS: Mapping[str, tuple[str, ...]] = {
+    "unet": ("up_blocks.*",),
+    "flux": ("single_transformer_blocks.*[02468].attn",),
+    "sd3": ("transformer_blocks.*[02468].attn",),
+}
 
 
-def select_layers(unet: Any, config: CSAConfig) -> dict[str, int]:
-    """CSA layers chosen by `config` on `unet`, mapped to their resolution level; raises if none match."""
-    num_down_blocks = len(unet.config.down_block_types)
-    available = {name: layer_level(name, num_down_blocks) for name in self_attention_layers(unet)}
+def model_kind(model: Any) -> ModelKind:
+    """Which denoiser CSA is installed on: a UNet2DConditionModel, a Flux or an SD3 transformer."""
+    if hasattr(model.config, "down_block_types"):
+        return "unet"
+    name = type(model).__name__
+    if name.startswith("Flux"):
+        return "flux"
+    if name.startswith("SD3"):
+        return "sd3"
+    raise StoryDiffusionError(
+        f"Consistent Self-Attention runs on a UNet2DConditionModel, FluxTransformer2DModel or "
+        f"SD3Transformer2DModel, got a {name}"
+    )
+
+
+def self_attention_layers(model: Any) -> list[str]:
+    """Names of the attention modules CSA can run on, in processor order: a UNet's self-attention
+    (`...attn1`), a DiT's joint attention (`...attn`)."""
+    names = [key.removesuffix(".processor") for key in model.attn_processors]
+    suffix = ".attn1" if model_kind(model) == "unet" else ".attn"
+    return [name for name in names if name.endswith(suffix)]
+
+
+def select_layers(model: Any, config: CSAConfig) -> dict[str, int]:
+    """CSA layers chosen by `config` on `model` (a UNet or a DiT), mapped to their resolution level (a DiT's
+    blocks all work at one grid: level 1); raises if none match."""
+    kind = model_kind(model)
+    names = self_attention_layers(model)
+    if kind == "unet":
+        num_down_blocks = len(model.config.down_block_types)
+        available = {name: layer_level(name, num_down_blocks) for name in names}
+    else:
+        available = dict.fromkeys(names, 1)
+    patterns = DEFAULT_LAYERS[kind] if config.layers is None else config.layers
     chosen = {
         name: level
         for name, level in available.items()
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in config.layers)
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
         and (config.levels is None or level in config.levels)
     }
     if not chosen:
         levels = sorted(set(available.values()))
         example = next(iter(available), "none")
         raise StoryDiffusionError(
-            f"CSAConfig(layers={list(config.layers)}, levels={config.levels}) matches no self-attention layer "
-            f"of this UNet ({len(available)} self-attention layers, e.g. {example!r}; levels present: {levels}). "
+            f"CSAConfig(layers={list(patterns)}, levels={config.levels}) matches no attention layer CSA can run on "
+            f"in this {type(model).__name__} ({len(available)} layers, e.g. {example!r}; levels present: {levels}). "
             "Widen the patterns or the levels."
         )
     return chosen
@@ -88,6 +130,8 @@ class ConsistentAttention:
         self._originals: dict[str, Any] | None = None
         self._hook: Any = None
         self._cross_originals: dict[str, Any] = {}  # attn2 processors the subject-map recorders stand in for
+        self.kind: ModelKind = "unet"
+        self._timestep_scale = 1.0
         self.reset()
 
     def reset(self) -> None:
@@ -97,6 +141,7 @@ class ConsistentAttention:
         self.num_steps = 0
         self.timesteps: torch.Tensor | None = None  # (num_steps,) float64; None: the caller sets the step
         self.images_per_call = 0
+        self.text_tokens = 0  # text tokens of the current DiT call's joint sequence
         self.generator: torch.Generator | None = None
         self.gates: dict[str, list[bool]] = {}
         self.write_bank: IdentityBank | None = None
@@ -105,6 +150,11 @@ class ConsistentAttention:
         self.read_masks: tuple[Mapping[str, torch.Tensor], ...] | None = None
         self._owner_cache: dict[int, torch.Tensor] = {}
         self.subject_maps: SubjectMaps | None = None  # inferring the read masks (`csa.subjects`)
+        # regional cross-attention (`csa.regions`): per image, the region masks and description token positions
+        self.prompt_regions: (
+            tuple[tuple[Mapping[str, torch.Tensor], ...], tuple[Mapping[str, Sequence[int]], ...]] | None
+        )
+        self.prompt_regions = None
         self._remove_recorders()
 
     def __repr__(self) -> str:
@@ -128,14 +178,25 @@ class ConsistentAttention:
             raise StoryDiffusionError(
                 "this UNet already runs Consistent Self-Attention from another controller; uninstall that one first"
             )
+        if any(isinstance(p, JointConsistentAttnProcessor) for p in originals.values()):
+            raise StoryDiffusionError(
+                "this transformer already runs Consistent Self-Attention from another controller; uninstall that one"
+            )
+        self.kind = model_kind(unet)
         self.layers = select_layers(unet, self.config)
         processors = dict(originals)
         for name, level in self.layers.items():
             key = f"{name}.processor"
-            processors[key] = ConsistentSelfAttnProcessor(
-                name, level, self.config.rate_for(level), self, originals[key]
-            )
+            rate = self.config.rate_for(level)
+            if self.kind == "unet":
+                processors[key] = ConsistentSelfAttnProcessor(name, level, rate, self, originals[key])
+            else:
+                processors[key] = JointConsistentAttnProcessor(
+                    name, rate, self, originals[key], self.config.positions, self.config.text_sees_borrowed, self.kind
+                )
         unet.set_attn_processor(processors)
+        # Flux's pipeline calls its transformer with the timestep / 1000 (the transformer multiplies it back)
+        self._timestep_scale = 1000.0 if self.kind == "flux" else 1.0
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
         self._unet, self._originals = unet, originals
 
@@ -201,6 +262,9 @@ class ConsistentAttention:
         reads only the bank of the character whose mask holds it (overlaps go to the first character,
         `csa.masks.exclusive`), and background tokens read none. None: every token reads every bank.
 
+        With masks and `config.regional_prompts`, `subject_tokens` (the same mappings as below) make every
+        cross-attention layer read each character's description only inside its mask (`csa.regions`).
+
         `subject_tokens` instead of masks, one mapping per image (character -> positions of its description
         tokens in the text encoder's sequence), with the latent `frame_shape` (h, w): the masks are inferred
         from the cross-attention to those tokens (`csa.subjects`), refreshed every step until
@@ -216,6 +280,11 @@ class ConsistentAttention:
                 if unknown:
                     raise StoryDiffusionError(f"masks for {unknown}, whose banks are not read; read: {sorted(names)}")
             self.read_masks = tuple(masks)
+            if self.config.regional_prompts and subject_tokens is not None and self.kind == "unet":
+                if len(subject_tokens) != images_per_call:
+                    raise StoryDiffusionError("subject_tokens needs one mapping per image")
+                self.prompt_regions = (tuple(masks), tuple(subject_tokens))
+                self._install_cross_processors(RegionalCrossAttnProcessor)
         elif subject_tokens is not None and banks:
             if len(subject_tokens) != images_per_call or frame_shape is None:
                 raise StoryDiffusionError("subject_tokens needs one mapping per image and the frame_shape")
@@ -264,7 +333,10 @@ class ConsistentAttention:
             return None
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1] if len(args) > 1 else None
         if timestep is not None:
-            self.step = self.step_of(float(torch.as_tensor(timestep).flatten()[0]))
+            self.step = self.step_of(float(torch.as_tensor(timestep).flatten()[0]) * self._timestep_scale)
+        text = kwargs.get("encoder_hidden_states")
+        if text is not None:  # a single-stream DiT block sees [text ; image] as one sequence
+            self.text_tokens = text.shape[1]
         if self.subject_maps is not None and self.subject_maps.grid is not None and self._refreshing_masks():
             self.read_masks = tuple(self.subject_maps.masks(self.config.mask_dilation))
             self._owner_cache.clear()
@@ -303,10 +375,14 @@ class ConsistentAttention:
         return self.subject_maps
 
     def _install_recorders(self) -> None:
+        self._install_cross_processors(SubjectMapRecorder)
+
+    def _install_cross_processors(self, kind: type) -> None:
+        """Stand `kind(name, controller, original)` in for every cross-attention processor for this phase."""
         current = self._unet.attn_processors
         self._cross_originals = {key: p for key, p in current.items() if key.endswith("attn2.processor")}
-        recorders = {key: SubjectMapRecorder(key, self, p) for key, p in self._cross_originals.items()}
-        self._unet.set_attn_processor({**current, **recorders})
+        wrappers = {key: kind(key, self, p) for key, p in self._cross_originals.items()}
+        self._unet.set_attn_processor({**current, **wrappers})
 
     def _remove_recorders(self) -> None:
         if getattr(self, "_cross_originals", None) and self._unet is not None:
@@ -342,9 +418,13 @@ class ConsistentAttention:
         """Whether this phase fills a bank (processors skip gathering bank tokens otherwise)."""
         return self.write_bank is not None
 
-    def write(self, layer: str, tokens: torch.Tensor) -> None:
+    def write(self, layer: str, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Store this step's sampled tokens (halves, M, C) of `layer`; `positions` (M,): where each token sat
+        in its joint sequence (a DiT with rotary positions needs them to rotate the keys at read time)."""
         if self.write_bank is not None:
             self.write_bank.put(self.step, layer, tokens)
+            if positions is not None:
+                self.write_bank.put_positions(self.step, layer, positions)
 
     def read_mask(self, layer: str, num_tokens: int, device: torch.device) -> torch.Tensor | None:
         """(B, N, M) which of this (step, layer)'s bank tokens (in `read` order) each query token may read;
@@ -375,6 +455,13 @@ class ConsistentAttention:
         for name, mask in self._grid_masks(image_masks, num_tokens).items():
             owner[mask] = order.index(name)
         return owner
+
+    def read_positions(self, layer: str) -> torch.Tensor | None:
+        """Every read bank's token positions for this (step, layer), concatenated as `read` orders them: (M,)."""
+        parts = [bank.get_positions(self.step, layer) for bank in self.read_banks if (self.step, layer) in bank]
+        if any(p is None for p in parts) or not parts:
+            return None
+        return torch.cat(parts)
 
     def read(self, layer: str, halves: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """Every read bank's tokens for this (step, layer), concatenated: (halves, M, C), or None."""

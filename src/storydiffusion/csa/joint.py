@@ -1,20 +1,25 @@
-"""Consistent Self-Attention on joint attention (DiT models: Flux.1's double- and single-stream blocks).
+"""Consistent Self-Attention on joint attention: DiT models (Flux.1's double- and single-stream blocks,
+SD3/3.5's joint blocks).
 
-A DiT block attends over one sequence `[text ; image]` per image. CSA lends *image* tokens only: each
-image's keys and values are extended with a sampled share of the other reference images' image
-tokens; text tokens are never borrowed. Two choices public methods make differently are options:
+A DiT block attends over one sequence per image, its text and image tokens together (`[text ; image]` in
+Flux, `[image ; text]` in SD3). CSA lends *image* tokens only: in the reference phase each image's keys
+and values are extended with a sampled share of the other reference images' image tokens; in the frame
+phase with the character's bank (the sampled tokens' hidden states, projected at read time). Text tokens
+are never borrowed. Two choices public methods make differently are options:
 
-- `positions`: where a borrowed key sits for the rotary embedding. "source" keeps the rotation of the
-  place it came from (the plain CSA reading; every image shares one position grid, so this is also
-  "the same place in the borrowing image"); "none" borrows the key before its rotation, so it matches
-  by content alone (the public Flux ports that drop positions for borrowed tokens). CharaConsist's
-  re-positioning to *matched* points needs point matching and is not built.
-- `text_sees_borrowed`: whether text queries may attend to borrowed keys. False (CharaConsist's
-  choice, the default) leaves every text token's output exactly as without CSA.
+- `positions` (Flux's rotary embedding; SD3 has none): where a borrowed key sits. "source" keeps the
+  rotation of the place it came from (the plain CSA reading; every image of one size shares one position
+  grid, so this is also "the same place in the borrowing image"; a bank keeps each token's position for
+  this); "none" borrows the key before its rotation, so it matches by content alone (the public Flux
+  ports that drop positions for borrowed tokens). CharaConsist's re-positioning to *matched* points needs
+  point matching and is not built.
+- `text_sees_borrowed`: whether text queries may attend to borrowed keys. False (CharaConsist's choice,
+  the default) leaves every text token's attention exactly as without CSA: text queries then attend over
+  their own sequence in a call of their own, so no mask is needed and every attention backend works.
 
-Status (issue #14): the mutual phase on `FluxTransformer2DModel`, tested against a dense masked
-formulation. Still to build: the bank (read mode), SD3's joint blocks, the selection by block kind
-and the Flux/SD3 `StoryPipeline`.
+Attention goes through diffusers' `dispatch_attention_fn` with the replaced processor's backend, so
+`set_attention_backend` keeps working. SD3.5's second, image-only attention (`attn2` of its dual-attention
+blocks) is left plain.
 """
 
 from __future__ import annotations
@@ -22,18 +27,58 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from storydiffusion.csa.attention import (
     WrappingProcessor,
     borrow_from_others,
     gather_tokens,
-    num_sampled_tokens,
     split_guidance,
 )
 from storydiffusion.errors import StoryDiffusionError
 
 POSITIONS = ("source", "none")
+LAYOUTS = ("flux", "sd3")  # text first (Flux) or image first (SD3) in the joint sequence
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask=None, backend=None) -> torch.Tensor:
+    """(B, S, H, D) attention through diffusers' dispatcher (the processor's backend, else the active one)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend)
+
+
+def image_span(sequence: int, text_tokens: int, text_first: bool = True) -> slice:
+    """Where a joint sequence's image tokens are."""
+    return slice(text_tokens, sequence) if text_first else slice(0, sequence - text_tokens)
+
+
+def _extended_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    extra_key: torch.Tensor,
+    extra_value: torch.Tensor,
+    image: slice,
+    text_sees_borrowed: bool,
+    image_mask: torch.Tensor | None = None,
+    backend: Any = None,
+) -> torch.Tensor:
+    """Joint attention whose image queries (and text queries, if allowed) also see `extra_*` (B, E, H, D).
+    `image_mask` (B, N, E) bool: which extra keys each image query may see (None: all)."""
+    full_key, full_value = torch.cat([key, extra_key], dim=1), torch.cat([value, extra_value], dim=1)
+    if text_sees_borrowed and image_mask is None:
+        return _attend(query, full_key, full_value, backend=backend)
+    sequence = key.shape[1]
+    own = image_mask.new_ones(*image_mask.shape[:2], sequence) if image_mask is not None else None
+    mask = None if image_mask is None else torch.cat([own, image_mask], dim=-1)[:, None]  # (B, 1, N, S + E)
+    out = torch.empty_like(query)
+    out[:, image] = _attend(query[:, image], full_key, full_value, mask, backend)
+    text = torch.ones(sequence, dtype=torch.bool, device=query.device)
+    text[image] = False
+    if text.any():
+        keys, values = (full_key, full_value) if text_sees_borrowed else (key, value)
+        out[:, text] = _attend(query[:, text], keys, values, backend=backend)
+    return out
 
 
 def joint_consistent_attention(
@@ -45,40 +90,70 @@ def joint_consistent_attention(
     halves: int = 1,
     unrotated_key: torch.Tensor | None = None,
     text_sees_borrowed: bool = False,
+    text_first: bool = True,
+    backend: Any = None,
 ) -> torch.Tensor:
-    """Joint attention with CSA: query/key/value (halves*B, S, H, D), S = text_tokens + N image tokens,
+    """Mutual-phase joint attention: query/key/value (halves*B, S, H, D), S = text_tokens + N image tokens,
     rotary already applied; indices (B, k) image-token positions each image lends to the others of its
     guidance half. `unrotated_key` (halves*B, S, H, D): borrow keys without their rotation ("none").
     Returns (halves*B, S, H, D)."""
-    images = indices.shape[0]
-    lent_key = (key if unrotated_key is None else unrotated_key)[:, text_tokens:]  # (halves*B, N, H, D)
-    lent_value = value[:, text_tokens:]
-    borrowed = [
-        borrow_from_others(gather_tokens(split_guidance(t.flatten(2), halves), indices)).flatten(0, 1)
-        for t in (lent_key, lent_value)
-    ]  # (halves*B, (B-1)*k, H*D) each
+    image = image_span(key.shape[1], text_tokens, text_first)
+    lent_key = (key if unrotated_key is None else unrotated_key)[:, image]  # (halves*B, N, H, D)
     heads, dim = key.shape[2], key.shape[3]
-    key = torch.cat([key, borrowed[0].unflatten(-1, (heads, dim))], dim=1)  # (halves*B, S + E, H, D)
-    value = torch.cat([value, borrowed[1].unflatten(-1, (heads, dim))], dim=1)
-    mask = None
-    if not text_sees_borrowed and images > 1:
-        extra = key.shape[1] - query.shape[1]
-        mask = torch.ones(query.shape[1], key.shape[1], dtype=torch.bool, device=query.device)
-        mask[:text_tokens, key.shape[1] - extra :] = False  # text queries never see borrowed keys
-    out = F.scaled_dot_product_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
-    )  # (halves*B, H, S, D)
-    return out.transpose(1, 2)
+    borrowed_key, borrowed_value = (
+        borrow_from_others(gather_tokens(split_guidance(t.flatten(2), halves), indices))
+        .flatten(0, 1)
+        .unflatten(-1, (heads, dim))
+        for t in (lent_key, value[:, image])
+    )  # (halves*B, (B-1)*k, H, D) each
+    return _extended_attention(
+        query, key, value, borrowed_key, borrowed_value, image, text_sees_borrowed, backend=backend
+    )
 
 
-class FluxConsistentAttnProcessor(WrappingProcessor):
-    """CSA for one `FluxAttention` (double- or single-stream block) in the mutual (reference) phase.
+def joint_bank_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    text_tokens: int,
+    bank_key: torch.Tensor,
+    bank_value: torch.Tensor,
+    read_mask: torch.Tensor | None = None,
+    text_sees_borrowed: bool = False,
+    text_first: bool = True,
+    backend: Any = None,
+) -> torch.Tensor:
+    """Frame-phase joint attention: every image of a guidance half also sees the bank's keys/values of that
+    half, bank_key/bank_value (halves, M, H, D); `read_mask` (B, N, M) bool limits which bank tokens each
+    image query reads (each character's inside its mask, `bank_read_mask`). Returns (halves*B, S, H, D)."""
+    halves = bank_key.shape[0]
+    images = query.shape[0] // halves
+    extra_key, extra_value = (t.repeat_interleave(images, dim=0) for t in (bank_key, bank_value))
+    image = image_span(key.shape[1], text_tokens, text_first)
+    mask = None if read_mask is None else read_mask.repeat(halves, 1, 1)
+    return _extended_attention(query, key, value, extra_key, extra_value, image, text_sees_borrowed, mask, backend)
+
+
+def rotate_at(key: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """Keys (..., M, H, D) rotated as the joint sequence's tokens at `positions` (M,) are (Flux's RoPE)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    cos, sin = rotary
+    index = positions.to(cos.device)
+    return apply_rotary_emb(key, (cos[index], sin[index]), sequence_dim=1)
+
+
+class JointConsistentAttnProcessor(WrappingProcessor):
+    """CSA for one joint-attention module: `FluxAttention` (double- or single-stream block) or SD3's
+    `Attention` with `JointAttnProcessor2_0`.
 
     Settings only, like `ConsistentSelfAttnProcessor`: the controller says whether this call runs CSA,
-    how many guidance halves the batch holds and draws the token indices; the text length of a
-    single-stream block's joint sequence comes from the controller (`text_tokens`), since the block hands
-    the processor `[text ; image]` as one sequence. Every other call goes to the replaced processor.
+    how many guidance halves the batch holds, draws the token indices and holds the banks; the text length
+    of a single-stream block's joint sequence comes from the controller (`text_tokens`), since the block
+    hands the processor `[text ; image]` as one sequence. Every other call goes to the replaced processor.
     """
+
+    default_layout = "flux"  # without `layout=`
 
     def __init__(
         self,
@@ -88,15 +163,27 @@ class FluxConsistentAttnProcessor(WrappingProcessor):
         original: Any,
         positions: str = "source",
         text_sees_borrowed: bool = False,
+        layout: str | None = None,
     ) -> None:
         super().__init__(original)
+        layout = layout or self.default_layout
         if positions not in POSITIONS:
             raise StoryDiffusionError(f"positions={positions!r} is not one of {POSITIONS}")
+        if layout not in LAYOUTS:
+            raise StoryDiffusionError(f"layout={layout!r} is not one of {LAYOUTS}")
         self.name, self.rate, self.controller = name, rate, controller
-        self.positions, self.text_sees_borrowed = positions, text_sees_borrowed
+        self.positions, self.text_sees_borrowed, self.layout = positions, text_sees_borrowed, layout
 
     def __repr__(self) -> str:
-        return f"FluxConsistentAttnProcessor(name={self.name!r}, rate={self.rate}, positions={self.positions!r})"
+        return (
+            f"{type(self).__name__}(name={self.name!r}, rate={self.rate}, layout={self.layout!r}, "
+            f"positions={self.positions!r})"
+        )
+
+    def _original(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary, **kwargs):
+        if self.layout == "flux":
+            kwargs["image_rotary_emb"] = rotary
+        return self.call_original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 
     def __call__(
         self,
@@ -108,56 +195,147 @@ class FluxConsistentAttnProcessor(WrappingProcessor):
         **kwargs: Any,
     ) -> Any:
         ctrl = self.controller
-        if attention_mask is not None or ctrl.mode != "mutual" or not ctrl.wants_csa(self.name):
-            return self.call_original(
-                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=image_rotary_emb, **kwargs
-            )
-        from diffusers.models.embeddings import apply_rotary_emb
-
+        args = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         double = encoder_hidden_states is not None
-        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1) if double else hidden_states
+        if not double and self.layout == "sd3":
+            return self._original(*args, **kwargs)  # SD3.5's image-only attn2: left plain
+        maps = ctrl.recording_maps() if attention_mask is None and hasattr(ctrl, "recording_maps") else None
+        if maps is not None:  # subject masks are inferred from the image-to-text attention
+            self._record_maps(attn, hidden_states, encoder_hidden_states, image_rotary_emb, maps)
+        if attention_mask is not None or ctrl.mode not in ("mutual", "read") or not ctrl.wants_csa(self.name):
+            return self._original(*args, **kwargs)
+        text_first = self.layout == "flux"
         text_tokens = encoder_hidden_states.shape[1] if double else ctrl.text_tokens
-        halves = ctrl.guidance_halves(joint.shape[0])
-        images, num_image_tokens = joint.shape[0] // halves, joint.shape[1] - text_tokens
-        num_samples = num_sampled_tokens(num_image_tokens, self.rate)
-        if num_samples == 0 or images < 2:
-            return self.call_original(
-                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=image_rotary_emb, **kwargs
+        batch, sequence = hidden_states.shape[0], hidden_states.shape[1] + (text_tokens if double else 0)
+        halves = ctrl.guidance_halves(batch)
+        images, num_image_tokens = batch // halves, sequence - text_tokens
+        image = image_span(sequence, text_tokens, text_first)
+        backend = getattr(self.original, "_attention_backend", None)
+
+        if ctrl.mode == "mutual":
+            own = hidden_states if double else hidden_states[:, image]  # (halves*B, N, C) entering attention
+            indices = ctrl.mutual_indices(images, num_image_tokens, self.rate)
+            if indices is None:
+                return self._original(*args, **kwargs)
+            indices = indices.to(hidden_states.device)
+            if ctrl.writes:
+                per_half = split_guidance(own, halves)
+                # Flux rotates keys by position: the bank keeps where each stored token sat in its sequence
+                positions = None if image_rotary_emb is None else self._positions(indices, text_tokens, text_first)
+                ctrl.write(self.name, gather_tokens(per_half, indices).flatten(1, 2), positions=positions)
+            if images < 2:
+                return self._original(*args, **kwargs)
+            query, key, value, unrotated = self._projections(
+                attn, hidden_states, encoder_hidden_states, image_rotary_emb
             )
-        query, key, value = self._projections(attn, hidden_states, encoder_hidden_states)  # (halves*B, S, H, D)
-        unrotated = key if self.positions == "none" else None
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        indices = ctrl.sample_indices(images, num_image_tokens, num_samples).to(joint.device)
-        out = (
-            joint_consistent_attention(
-                query, key, value, text_tokens, indices, halves, unrotated, self.text_sees_borrowed
+            out = joint_consistent_attention(
+                query, key, value, text_tokens, indices, halves, unrotated, self.text_sees_borrowed, text_first, backend
             )
-            .flatten(2)
-            .to(query.dtype)
-        )  # (halves*B, S, H*D)
+        else:
+            bank_tokens = ctrl.read(self.name, halves, hidden_states.dtype, hidden_states.device)  # (halves, M, C)
+            if bank_tokens is None:
+                return self._original(*args, **kwargs)
+            bank_positions = ctrl.read_positions(self.name) if image_rotary_emb is not None else None
+            query, key, value, _ = self._projections(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+            bank_key, bank_value = self._bank_projections(attn, bank_tokens, bank_positions, image_rotary_emb)
+            read_mask = ctrl.read_mask(self.name, num_image_tokens, hidden_states.device)
+            out = joint_bank_attention(
+                query, key, value, text_tokens, bank_key, bank_value, read_mask, self.text_sees_borrowed, text_first,
+                backend,
+            )  # fmt: skip
+        out = out.flatten(2).to(query.dtype)  # (halves*B, S, H*D)
         if not double:
             return out
-        text_out, image_out = out[:, :text_tokens], out[:, text_tokens:]
-        return attn.to_out[1](attn.to_out[0](image_out.contiguous())), attn.to_add_out(text_out.contiguous())
+        text_part = out[:, :text_tokens] if text_first else out[:, sequence - text_tokens :]
+        image_out = attn.to_out[1](attn.to_out[0](out[:, image].contiguous()))
+        if getattr(attn, "context_pre_only", False) and self.layout == "sd3":
+            return image_out, text_part  # SD3's last block drops the text stream
+        return image_out, attn.to_add_out(text_part.contiguous())
+
+    @torch.no_grad()
+    def _record_maps(self, attn: Any, hidden_states, encoder_hidden_states, rotary, maps: Any) -> None:
+        """Hand the subject maps (`csa.subjects.SubjectMaps`) each conditional image's head-mean attention of its
+        image queries over the text keys, softmax over the text alone: (B, N, T), as a UNet's cross-attention."""
+        ctrl = self.controller
+        text_first = self.layout == "flux"
+        double = encoder_hidden_states is not None
+        text_tokens = encoder_hidden_states.shape[1] if double else ctrl.text_tokens
+        images = ctrl.images_per_call
+        hidden = hidden_states[-images:]  # diffusers stacks [uncond; cond]
+        text = encoder_hidden_states[-images:] if double else None
+        query, key, _, _ = self._projections(attn, hidden, text, rotary)  # (B, S, H, D)
+        sequence = key.shape[1]
+        image = image_span(sequence, text_tokens, text_first)
+        words = slice(0, text_tokens) if text_first else slice(sequence - text_tokens, sequence)
+        queries, keys = query[:, image].transpose(1, 2), key[:, words].transpose(1, 2)  # (B, H, N | T, D)
+        scale = queries.shape[-1] ** -0.5
+        probabilities = sum(
+            (queries[:, h] @ keys[:, h].transpose(-1, -2) * scale).float().softmax(-1) for h in range(queries.shape[1])
+        )  # head by head: one (B, N, T) map at a time, not (B, H, N, T)
+        maps.add(probabilities / queries.shape[1])
 
     @staticmethod
-    def _projections(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
-        """Query, key, value of the joint sequence [text ; image] as (B, S, H, D), normalised as diffusers does."""
+    def _positions(indices: torch.Tensor, text_tokens: int, text_first: bool) -> torch.Tensor:
+        """(B*k,) positions in the joint sequence of the stored tokens, for rotating their keys at read time."""
+        return (indices + (text_tokens if text_first else 0)).flatten().to(torch.int32)
+
+    def _projections(self, attn: Any, hidden_states, encoder_hidden_states, rotary):
+        """Query, key, value of the joint sequence as (B, S, H, D), normalised and rotated as diffusers does;
+        plus the keys before rotation when borrowed keys go unrotated."""
         if getattr(attn, "fused_projections", False):
-            raise StoryDiffusionError(
-                "CSA on Flux does not support fused QKV projections; call unfuse_qkv_projections()"
+            raise StoryDiffusionError("CSA on joint attention does not support fused QKV projections; call "
+                                      "unfuse_qkv_projections()")  # fmt: skip
+        heads = attn.heads
+        query, key, value = (p(hidden_states).unflatten(-1, (heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None:
+            text_query, text_key, text_value = (
+                p(encoder_hidden_states).unflatten(-1, (heads, -1))
+                for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
             )
-        unflat = (-1, attn.head_dim)
-        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, unflat))
-        key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, unflat))
-        value = attn.to_v(hidden_states).unflatten(-1, unflat)
-        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
-            text_query = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, unflat))
-            text_key = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, unflat))
-            text_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, unflat)
-            query, key, value = (
-                torch.cat(p, dim=1) for p in ((text_query, query), (text_key, key), (text_value, value))
-            )
-        return query, key, value
+            if getattr(attn, "norm_added_q", None) is not None:
+                text_query = attn.norm_added_q(text_query)
+            if getattr(attn, "norm_added_k", None) is not None:
+                text_key = attn.norm_added_k(text_key)
+            pairs = ((text_query, query), (text_key, key), (text_value, value))
+            if self.layout == "sd3":
+                pairs = tuple(p[::-1] for p in pairs)
+            query, key, value = (torch.cat(p, dim=1) for p in pairs)
+        unrotated = key if self.positions == "none" else None
+        if rotary is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query = apply_rotary_emb(query, rotary, sequence_dim=1)
+            key = apply_rotary_emb(key, rotary, sequence_dim=1)
+        return query, key, value, unrotated
+
+    def _bank_projections(self, attn: Any, tokens: torch.Tensor, positions: torch.Tensor | None, rotary):
+        """A bank entry's hidden states (halves, M, C) as keys and values (halves, M, H, D), keys rotated to
+        the positions they were sampled at ("source") or left unrotated ("none")."""
+        key = attn.to_k(tokens).unflatten(-1, (attn.heads, -1))
+        value = attn.to_v(tokens).unflatten(-1, (attn.heads, -1))
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if rotary is not None and self.positions == "source":
+            if positions is None:
+                raise StoryDiffusionError(
+                    f"layer {self.name}: the bank holds no token positions, which positions='source' needs to "
+                    "rotate its keys; regenerate the character"
+                )
+            key = rotate_at(key, rotary, positions.long())
+        return key, value
+
+
+class FluxConsistentAttnProcessor(JointConsistentAttnProcessor):
+    """`JointConsistentAttnProcessor` for Flux's joint attention (`[text ; image]`, rotary positions)."""
+
+    default_layout = "flux"
+
+
+class SD3ConsistentAttnProcessor(JointConsistentAttnProcessor):
+    """`JointConsistentAttnProcessor` for SD3/3.5's joint attention (`[image ; text]`, no rotary)."""
+
+    default_layout = "sd3"

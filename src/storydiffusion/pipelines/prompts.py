@@ -65,6 +65,20 @@ def phrase_positions(tokenizer: Any, text: str, phrase: str) -> list[int]:
     return [(p // window) * width + 1 + p % window for p in range(before, before + count)]
 
 
+def sequence_phrase_positions(tokenizer: Any, text: str, phrase: str, offset: int = 0) -> list[int]:
+    """Where `phrase`'s tokens sit in `text`'s one-window encoder sequence (a T5 prompt of Flux or SD3, which
+    takes the whole prompt), shifted by `offset` (SD3's T5 tokens follow its 77 CLIP tokens); [] when absent."""
+    at = text.find(phrase) if phrase else -1
+    if at < 0:
+        return []
+    lead = 0  # start tokens the tokenizer puts before the text (T5: none; a CLIP tokenizer standing in: one)
+    full = tokenizer(text, add_special_tokens=True).input_ids
+    while lead < len(full) and full[lead] in set(tokenizer.all_special_ids):
+        lead += 1
+    before, count = len(token_ids(tokenizer, text[:at])), len(token_ids(tokenizer, phrase))
+    return [offset + lead + p for p in range(before, before + count)]
+
+
 def _tokenizers(pipe: Any) -> list[Any]:
     return [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
 

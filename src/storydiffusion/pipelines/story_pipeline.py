@@ -1,8 +1,10 @@
-"""`StoryPipeline`: a story's frames from a diffusers SD1.5/SDXL pipeline, characters kept consistent.
+"""`StoryPipeline`: a story's frames from a diffusers SD1.5/SDXL, Flux.1 or SD3 pipeline, characters kept
+consistent.
 
 It wraps a loaded `StableDiffusionPipeline` or `StableDiffusionXLPipeline`, or their ControlNet
-versions, any of them with an IP-Adapter or LoRA loaded (never copies it), and runs two phases
-with Consistent Self-Attention installed on its UNet:
+versions, any of them with an IP-Adapter or LoRA loaded, or a `FluxPipeline` or
+`StableDiffusion3Pipeline` (never copies it), and runs two phases with Consistent Self-Attention
+installed on its denoiser (the UNet's self-attention, the transformer's joint attention):
 
 1. reference phase — per character, its first `id_length` frames are generated together with
    mutual CSA, filling the character's identity bank;
@@ -18,6 +20,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,6 +29,8 @@ import numpy as np
 import torch
 from diffusers import (
     DiffusionPipeline,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLControlNetPipeline,
@@ -35,12 +40,19 @@ from diffusers import (
 from tqdm.auto import tqdm
 
 from storydiffusion.csa.attention import CSAConfig
-from storydiffusion.csa.bank import STORAGE_DTYPES, BankSettings, IdentityBank
-from storydiffusion.csa.controller import ConsistentAttention, denoising_timesteps, select_layers
+from storydiffusion.csa.bank import STORAGE_DTYPES, BankCompaction, BankSettings, BankStorage, IdentityBank, as_storage
+from storydiffusion.csa.controller import ConsistentAttention, denoising_timesteps, model_kind, select_layers
 from storydiffusion.csa.masks import box_mask
 from storydiffusion.errors import StoryDiffusionError
 from storydiffusion.pipelines.frames import Frame, FrameSyntaxError, check_regions, parse_frame
-from storydiffusion.pipelines.prompts import encode_frames, needs_own_encoding, phrase_positions
+from storydiffusion.pipelines.prompts import (
+    encode_frames,
+    needs_own_encoding,
+    phrase_positions,
+    sequence_phrase_positions,
+)
+
+logger = logging.getLogger(__name__)
 
 # arguments StoryPipeline sets itself on every call of the wrapped pipeline
 _RESERVED_KWARGS = {
@@ -51,18 +63,23 @@ _RESERVED_KWARGS = {
 }  # fmt: skip
 
 # pipelines whose text-to-image loop StoryPipeline drives (subclasses too): the SD/SDXL UNet and loop,
-# ControlNet on top, and any of them with an IP-Adapter or LoRA loaded
-SUPPORTED_PIPELINES = (
+# ControlNet on top, and any of them with an IP-Adapter or LoRA loaded; Flux.1 and SD3/3.5
+UNET_PIPELINES = (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionXLControlNetPipeline,
 )
+DIT_PIPELINES = (FluxPipeline, StableDiffusion3Pipeline)
+SUPPORTED_PIPELINES = UNET_PIPELINES + DIT_PIPELINES
+T5_WINDOW = 512  # the longest T5 sequence Flux and SD3 take (their pipelines refuse more)
 
 
 def check_pipeline(pipe: Any) -> None:
     """Raise a StoryDiffusionError saying why, unless StoryPipeline can drive `pipe`."""
     if isinstance(pipe, SUPPORTED_PIPELINES):
+        if isinstance(pipe, DIT_PIPELINES) and getattr(pipe, "transformer", None) is None:
+            raise StoryDiffusionError(f"{type(pipe).__name__} has no transformer loaded (`pipe.transformer` is None)")
         return
     name = type(pipe).__name__
     accepted = ", ".join(cls.__name__ for cls in SUPPORTED_PIPELINES)
@@ -91,7 +108,13 @@ def is_controlnet_pipeline(pipe: Any) -> bool:
 
 def has_ip_adapter(pipe: Any) -> bool:
     """Whether an IP-Adapter is loaded (`load_ip_adapter`): the UNet then needs image embeddings every call."""
-    return getattr(pipe.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
+    unet = getattr(pipe, "unet", None)
+    return unet is not None and getattr(unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
+
+
+def denoiser_of(pipe: Any) -> Any:
+    """The model CSA is installed on: the pipeline's UNet, or its transformer (Flux, SD3)."""
+    return pipe.transformer if isinstance(pipe, DIT_PIPELINES) else pipe.unet
 
 
 @dataclass(frozen=True)
@@ -124,7 +147,7 @@ def frame_seed(seed: int, index: int, same_initial_noise: bool = False) -> int:
 
 
 def unet_fingerprint(unet: Any) -> str:
-    """A short hash of the UNet's public config: same architecture and layer names."""
+    """A short hash of the denoiser's (UNet's or transformer's) public config: same architecture and layer names."""
     return hashlib.sha256(json.dumps(public_config(unet.config), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -181,6 +204,8 @@ class StoryPipeline:
         csa_config: CSAConfig | None = None,
         bank_dtype: str = "int8",
         bank_device: str | torch.device = "cpu",
+        bank_storage: BankStorage | str = "auto",
+        bank_compaction: BankCompaction | None = None,
     ) -> None:
         check_pipeline(pipe)
         if bank_dtype not in STORAGE_DTYPES:
@@ -189,7 +214,12 @@ class StoryPipeline:
         self.csa = ConsistentAttention(csa_config)
         self.bank_dtype = bank_dtype
         self.bank_device = torch.device(bank_device)
-        select_layers(pipe.unet, self.csa.config)  # fail now, not at the first call
+        # where new banks live ("auto": RAM until 256 MiB, then a file read a step at a time) and what
+        # they keep (lossy options; default: everything); see csa.bank
+        self.bank_storage = as_storage(bank_storage)
+        self.bank_compaction = bank_compaction or BankCompaction()
+        self.kind = model_kind(self.denoiser)
+        select_layers(self.denoiser, self.csa.config)  # fail now, not at the first call
 
     @classmethod
     def from_pretrained(
@@ -198,10 +228,12 @@ class StoryPipeline:
         csa_config: CSAConfig | None = None,
         bank_dtype: str = "int8",
         bank_device: str | torch.device = "cpu",
+        bank_storage: BankStorage | str = "auto",
         **kwargs: Any,
     ) -> StoryPipeline:
         """Load a checkpoint (hub id or folder) with `DiffusionPipeline.from_pretrained(model, **kwargs)`."""
-        return cls(DiffusionPipeline.from_pretrained(model, **kwargs), csa_config, bank_dtype, bank_device)
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+        return cls(pipe, csa_config, bank_dtype, bank_device, bank_storage)
 
     def to(self, *args: Any, **kwargs: Any) -> StoryPipeline:
         self.pipe.to(*args, **kwargs)
@@ -211,17 +243,57 @@ class StoryPipeline:
     def device(self) -> torch.device:
         return self.pipe.device
 
+    @property
+    def denoiser(self) -> Any:
+        """The model CSA runs on: `pipe.unet`, or `pipe.transformer` for Flux and SD3."""
+        return denoiser_of(self.pipe)
+
     def __repr__(self) -> str:
         return f"StoryPipeline(pipe={type(self.pipe).__name__}, csa={self.csa})"
 
     # -- settings --------------------------------------------------------------------------
     def default_size(self) -> tuple[int, int]:
-        side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        if self.kind == "unet":
+            side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        else:
+            side = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         return side, side
 
-    def denoising_timesteps(self, num_inference_steps: int) -> list[float]:
-        """The distinct timesteps of the denoising loop; CSA's step i is the i-th of them."""
-        return denoising_timesteps(self.pipe.scheduler, num_inference_steps)
+    def denoising_timesteps(
+        self, num_inference_steps: int, height: int | None = None, width: int | None = None
+    ) -> list[float]:
+        """The distinct timesteps of the denoising loop; CSA's step i is the i-th of them. Flux (and SD3 with
+        dynamic shifting) shift the schedule by the image's token count, computed here as their pipelines do."""
+        if self.kind == "unet":
+            return denoising_timesteps(self.pipe.scheduler, num_inference_steps)
+        default_height, default_width = self.default_size()
+        return denoising_timesteps(
+            self.pipe.scheduler,
+            num_inference_steps,
+            **self._flow_schedule_kwargs(num_inference_steps, height or default_height, width or default_width),
+        )
+
+    def _flow_schedule_kwargs(self, num_inference_steps: int, height: int, width: int) -> dict[str, Any]:
+        """The `set_timesteps` arguments FluxPipeline / StableDiffusion3Pipeline pass for this size."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config, factor = self.pipe.scheduler.config, self.pipe.vae_scale_factor
+        kwargs: dict[str, Any] = {}
+        if self.kind == "flux":
+            tokens = (height // (factor * 2)) * (width // (factor * 2))
+            if not config.get("use_flow_sigmas", False):
+                kwargs["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+            shift = (config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        else:
+            if not config.get("use_dynamic_shifting", False):
+                return kwargs
+            patch = self.pipe.transformer.config.patch_size
+            tokens = (height // factor // patch) * (width // factor // patch)
+            shift = (config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+        kwargs["mu"] = calculate_shift(
+            tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096), *shift
+        )
+        return kwargs
 
     def bank_settings(
         self,
@@ -235,22 +307,28 @@ class StoryPipeline:
         """The settings a bank made (or read) by a call with these arguments carries (keyword-only: the
         sizes and counts are all integers, and a swapped pair would pass unnoticed)."""
         default_height, default_width = self.default_size()
-        guided = guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
-        text_encoders = {"text_encoder": getattr(self.pipe, "text_encoder", None)}
-        text_encoders["text_encoder_2"] = getattr(self.pipe, "text_encoder_2", None)
+        height, width = height or default_height, width or default_width
+        if self.kind == "unet":
+            guided = guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        else:  # Flux is guidance-distilled (one batch, guidance as an input); SD3 runs classifier-free guidance
+            guided = self.kind == "sd3" and guidance_scale > 1
+        text_encoders = {
+            name: getattr(self.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+        }
+        denoiser = self.denoiser
         return BankSettings(
             model=self.pipe.name_or_path or "",
-            unet_fingerprint=unet_fingerprint(self.pipe.unet),
+            unet_fingerprint=unet_fingerprint(denoiser),
             scheduler=type(self.pipe.scheduler).__name__,
-            num_steps=len(self.denoising_timesteps(num_inference_steps)),
+            num_steps=len(self.denoising_timesteps(num_inference_steps, height, width)),
             height=height or default_height,
             width=width or default_width,
             guidance_halves=2 if guided else 1,
             id_length=id_length,
             scheduler_config=public_config(self.pipe.scheduler.config),
-            layers=tuple(sorted(select_layers(self.pipe.unet, self.csa.config))),
-            adapters=active_adapters(unet=self.pipe.unet, **text_encoders),
-            weights_probe=weights_probe(self.pipe.unet),
+            layers=tuple(sorted(select_layers(denoiser, self.csa.config))),
+            adapters=active_adapters(**{"unet" if self.kind == "unet" else "transformer": denoiser}, **text_encoders),
+            weights_probe=weights_probe(denoiser),
         )
 
     # -- the call ----------------------------------------------------------------------------
@@ -292,7 +370,39 @@ class StoryPipeline:
         reserved = sorted(_RESERVED_KWARGS & set(pipeline_kwargs))
         if reserved:
             raise StoryDiffusionError(f"{reserved} are set by StoryPipeline itself; pass them as its own arguments")
+        if self.kind == "flux" and pipeline_kwargs.get("true_cfg_scale", 1.0) > 1:
+            raise StoryDiffusionError(
+                "true_cfg_scale > 1 runs Flux's transformer twice per step (with and without the negative prompt), "
+                "which CSA's banks do not tell apart yet; use Flux's guidance_scale instead"
+            )
+        if self.kind != "unet":
+            self._check_t5_lengths(frames, pipeline_kwargs)
+        if self.kind == "flux" and any(frame.negative_prompt for frame in frames):
+            logger.warning(
+                "Flux is guidance-distilled and takes no negative prompt: the frames' negative prompts (a style's, "
+                "or the story's) are not used"
+            )
         self._check_conditioning(len(frames), pipeline_kwargs, control_images)
+
+    def _t5_tokenizer(self) -> Any:
+        return self.pipe.tokenizer_2 if self.kind == "flux" else getattr(self.pipe, "tokenizer_3", None)
+
+    def _check_t5_lengths(self, frames: Sequence[Frame], pipeline_kwargs: Mapping[str, Any]) -> None:
+        """No prompt is cut silently: T5 must take every frame's whole prompt (CLIP's pooled embedding keeps its
+        77-token window, as these pipelines always do)."""
+        tokenizer = self._t5_tokenizer()
+        if tokenizer is None:
+            return
+        limit = pipeline_kwargs.get("max_sequence_length", T5_WINDOW if self.kind == "flux" else 256)
+        for index, frame in enumerate(frames):
+            for text in (frame.prompt, frame.negative_prompt or ""):
+                count = len(tokenizer(text, truncation=False).input_ids)
+                if count > limit:
+                    raise StoryDiffusionError(
+                        f"frame {index} ({frame.prompt[:60]!r}...) is {count} T5 tokens long, more than "
+                        f"max_sequence_length={limit}; pass a larger max_sequence_length (up to {T5_WINDOW}) "
+                        "or shorten it"
+                    )
 
     def _check_conditioning(
         self, num_frames: int, pipeline_kwargs: Mapping[str, Any], control_images: Sequence[Any] | None
@@ -409,7 +519,7 @@ class StoryPipeline:
             width=width,
             id_length=id_length,
         )
-        timesteps = self.denoising_timesteps(num_inference_steps)
+        timesteps = self.denoising_timesteps(num_inference_steps, height, width)
         for bank in banks.values():
             bank.check_compatible(settings)
 
@@ -439,18 +549,18 @@ class StoryPipeline:
         )
 
         with (
-            self.csa.installed(self.pipe.unet),
+            self.csa.installed(self.denoiser),
             tqdm(total=len(resolved), desc="frames", unit="frame", disable=not progress) as bar,
         ):
             # 3. Reference phase: each character's references together, mutual CSA, bank written
             character_order = list(characters)
             latent_size = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
             for name, indices in references.items():
-                bank = IdentityBank(name, settings, self.bank_dtype, self.bank_device)
-                sampler = torch.Generator().manual_seed(derived_seed(seed, 1, character_order.index(name)))
-                subjects = self.reference_subject_tokens([infos[i] for i in indices], name, characters)
-                self.csa.begin_mutual(timesteps, len(indices), sampler, bank, subjects, latent_size)
-                self._generate(indices, infos, images, common, on_frame, control_images)
+                sampler_seed = derived_seed(seed, 1, character_order.index(name))
+                bank = self.reference_phase(
+                    name, characters[name], indices, infos, sampler_seed, settings, common, images, on_frame,
+                    control_images,
+                )  # fmt: skip
                 banks[name] = bank
                 if on_bank is not None:
                     on_bank(name, bank)
@@ -461,7 +571,10 @@ class StoryPipeline:
             for indices in self._frame_batches(rest, frame_batch_size, resolved):
                 named = infos[indices[0]].characters
                 masks = self.region_masks([resolved[i] for i in indices], latent_size)
-                subjects = None if masks is not None else self.subject_tokens([infos[i] for i in indices], characters)
+                if masks is None:
+                    subjects = self.subject_tokens([infos[i] for i in indices], characters)
+                else:  # regional prompts read the descriptions' positions too
+                    subjects = self.region_tokens([infos[i] for i in indices], characters)
                 self.csa.begin_read(
                     timesteps, len(indices), [banks[name] for name in named], masks, subjects, latent_size
                 )
@@ -470,6 +583,38 @@ class StoryPipeline:
             self.csa.end()
 
         return StoryPipelineOutput(images=images, frames=infos, banks=banks)
+
+    def reference_phase(
+        self,
+        name: str,
+        description: str,
+        indices: Sequence[int],
+        infos: Sequence[FrameInfo],
+        sampler_seed: int,
+        settings: BankSettings,
+        common: Mapping[str, Any],
+        images: list,
+        on_frame: Callable[[FrameInfo, Any], None] | None = None,
+        control_images: Sequence[Any] | None = None,
+    ) -> IdentityBank:
+        """One character's reference frames `indices` (of `infos`) drawn together with mutual CSA (installed):
+        their images land in `images`; returns the bank they wrote, carrying the recipe that regenerates it
+        (`pipelines.characters`, which calls this again with the recorded inputs)."""
+        from storydiffusion.pipelines.characters import character_recipe
+
+        references = [infos[i] for i in indices]
+        recipe = character_recipe(self, name, description, references, sampler_seed, settings, common, control_images)
+        bank = IdentityBank(
+            name, settings, self.bank_dtype, self.bank_device, self.bank_storage, self.bank_compaction, recipe
+        )
+        height, width = common["height"], common["width"]
+        latent_size = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
+        sampler = torch.Generator().manual_seed(sampler_seed)
+        subjects = self.reference_subject_tokens(references, name, {name: description})
+        timesteps = self.denoising_timesteps(common["num_inference_steps"], height, width)
+        self.csa.begin_mutual(timesteps, len(indices), sampler, bank, subjects, latent_size)
+        self._generate(indices, infos, images, dict(common), on_frame, control_images)
+        return bank
 
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod
@@ -514,13 +659,21 @@ class StoryPipeline:
             return None
         return [{name: box_mask(box, latent_size) for name, box in (frame.regions or {}).items()} for frame in frames]
 
+    def phrase_positions(self, prompt: str, phrase: str) -> list[int]:
+        """Where `phrase`'s tokens sit in the text sequence the denoiser attends to: CLIP's (chunked) on a UNet,
+        T5's on Flux, T5's after the 77 CLIP tokens on SD3 (T5 holds the whole prompt)."""
+        if self.kind == "unet":
+            return phrase_positions(self.pipe.tokenizer, prompt, phrase)
+        offset = 0 if self.kind == "flux" else self.pipe.tokenizer_max_length
+        return sequence_phrase_positions(self._t5_tokenizer(), prompt, phrase, offset)
+
     def reference_subject_tokens(
         self, infos: Sequence[FrameInfo], name: str, characters: Mapping[str, str]
     ) -> list[dict[str, list[int]]] | None:
         """With `CSAConfig.subject_only`: per reference frame, the character's description token positions."""
         if not self.csa.config.subject_only:
             return None
-        tokens = [{name: phrase_positions(self.pipe.tokenizer, info.prompt, characters[name])} for info in infos]
+        tokens = [{name: self.phrase_positions(info.prompt, characters[name])} for info in infos]
         for info, positions in zip(infos, tokens):
             if not positions[name]:
                 raise StoryDiffusionError(
@@ -539,13 +692,23 @@ class StoryPipeline:
         if self.csa.config.subject_masks != "infer" or len(infos[0].characters) < 2:
             return None
         tokens = [
-            {
-                name: phrase_positions(self.pipe.tokenizer, info.prompt, characters.get(name, ""))
-                for name in info.characters
-            }
+            {name: self.phrase_positions(info.prompt, characters.get(name, "")) for name in info.characters}
             for info in infos
         ]
         return tokens if all(all(positions.values()) for positions in tokens) else None
+
+    def region_tokens(
+        self, infos: Sequence[FrameInfo], characters: Mapping[str, str]
+    ) -> list[dict[str, list[int]]] | None:
+        """With `CSAConfig.regional_prompts`: per frame with regions, each named character's description token
+        positions (a description the prompt lacks has none, and nothing of it is masked)."""
+        if not self.csa.config.regional_prompts:
+            return None
+        if self.kind != "unet":
+            logger.warning("CSAConfig(regional_prompts=True) masks cross-attention, which DiT models lack; ignored")
+            return None
+        return [{name: self.phrase_positions(info.prompt, characters.get(name, "")) for name in info.characters}
+                for info in infos]  # fmt: skip
 
     @staticmethod
     def _frame_batches(infos: Sequence[FrameInfo], size: int, frames: Sequence[Frame]) -> list[list[int]]:
@@ -568,7 +731,11 @@ class StoryPipeline:
         prompts = [infos[i].prompt for i in indices]
         negatives = [infos[i].negative_prompt for i in indices]
         clip_skip = common.get("clip_skip")
-        if needs_own_encoding(self.pipe, prompts, negatives, clip_skip):  # no silent cut, no neighbour effects
+        if self.kind == "flux":  # guidance-distilled: no negative prompt (checked and said in check_inputs)
+            text: dict[str, Any] = {"prompt": prompts}
+        elif self.kind == "sd3":  # T5 carries the whole prompt (lengths checked); "" and None encode alike
+            text = {"prompt": prompts, "negative_prompt": negatives}
+        elif needs_own_encoding(self.pipe, prompts, negatives, clip_skip):  # no silent cut, no neighbour effects
             lora_scale = (common.get("cross_attention_kwargs") or {}).get("scale")
             text = encode_frames(self.pipe, prompts, negatives, clip_skip, lora_scale)
         else:  # all negatives empty (None: SDXL's zeroed negative embedding) or all given

@@ -1,9 +1,11 @@
-"""Tiny randomly initialised SD1.5- and SDXL-layout pipelines, built from configs (no download).
+"""Tiny randomly initialised SD1.5-, SDXL-, Flux.1- and SD3-layout pipelines, built from configs (no download).
 
 They have the real architectures' layouts (down/mid/up blocks, self- and cross-attention,
-classifier-free guidance, SDXL's two text encoders and added time ids) at toy sizes, so tests
-and the offline demo exercise the same code paths as real checkpoints. Their images are noise:
-the weights are random. The tokenizer is the real CLIP vocabulary shipped with the package.
+classifier-free guidance, SDXL's two text encoders and added time ids; Flux's double- and single-stream
+blocks with rotary positions and guidance embedding, SD3's joint blocks, their CLIP + T5 text encoders and
+flow-matching schedulers) at toy sizes, so tests and the offline demo exercise the same code paths as real
+checkpoints. Their images are noise: the weights are random. The tokenizer is the real CLIP vocabulary
+shipped with the package; it also stands in for T5's (a T5 encoder with CLIP's vocabulary size).
 
 Building one never touches torch's global random state: the seeded initialisation runs on a forked
 generator, so a test or a run that builds a tiny model keeps its own random stream.
@@ -20,13 +22,25 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 TOKENIZER_DIR = files("storydiffusion") / "assets" / "clip_tokenizer"
 
@@ -64,7 +78,7 @@ def _text_config(hidden_size: int, projection_dim: int = 32) -> CLIPTextConfig:
     )
 
 
-def _vae() -> AutoencoderKL:
+def _vae(**flow_options: float) -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=(16, 32, 32),  # 3 blocks: 4x downsampling (real SD VAEs: 8x)
         in_channels=3,
@@ -74,7 +88,21 @@ def _vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
+        **flow_options,  # Flux's and SD3's VAEs shift their latents too
     )
+
+
+def _t5(d_model: int = 32) -> T5EncoderModel:
+    """A 2-layer T5 encoder over CLIP's vocabulary (the packaged CLIP tokenizer stands in for T5's)."""
+    config = T5Config(
+        vocab_size=49408, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+        pad_token_id=49407, eos_token_id=49407, decoder_start_token_id=49407, dropout_rate=0.0,
+    )  # fmt: skip
+    return T5EncoderModel(config).eval()  # a module built by hand starts in training mode: dropout would run
+
+
+def _flow_scheduler(**options: float | bool) -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(**options)
 
 
 def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
@@ -177,3 +205,54 @@ def tiny_sdxl_controlnet_pipeline(seed: int = 0) -> StableDiffusionXLControlNetP
         components = _sdxl_components()
     controlnet = tiny_controlnet(components["unet"], seed)
     return StableDiffusionXLControlNetPipeline(**components, controlnet=controlnet, add_watermarker=False)
+
+
+def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """FLUX.1-dev layout: one double-stream and two single-stream blocks with rotary positions and guidance
+    embedding, CLIP (pooled) + T5 text encoders, a flow-matching scheduler with resolution-dependent shift."""
+    with seeded(seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4),
+        )  # fmt: skip
+        tokenizer = clip_tokenizer()
+        return FluxPipeline(
+            scheduler=_flow_scheduler(
+                shift=3.0,
+                use_dynamic_shifting=True,
+                base_shift=0.5,
+                max_shift=1.15,
+                base_image_seq_len=256,
+                max_image_seq_len=4096,
+            ),  # fmt: skip
+            vae=_vae(scaling_factor=0.3611, shift_factor=0.1159),
+            text_encoder=CLIPTextModel(_text_config(32)),
+            tokenizer=tokenizer,
+            text_encoder_2=_t5(32),
+            tokenizer_2=tokenizer,
+            transformer=transformer,
+        )
+
+
+def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """SD3 layout: two joint-attention blocks over [image ; text], two CLIP text encoders with projections
+    plus T5, classifier-free guidance, a flow-matching scheduler."""
+    with seeded(seed):
+        transformer = SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=64,
+            pos_embed_max_size=32,
+        )  # fmt: skip
+        tokenizer = clip_tokenizer()
+        return StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=_flow_scheduler(shift=3.0),
+            vae=_vae(scaling_factor=1.5305, shift_factor=0.0609),
+            text_encoder=CLIPTextModelWithProjection(_text_config(16, projection_dim=32)),
+            tokenizer=tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(16, projection_dim=32)),
+            tokenizer_2=tokenizer,
+            text_encoder_3=_t5(32),
+            tokenizer_3=tokenizer,
+        )

@@ -45,6 +45,7 @@ A mapping with `frames` (required), `characters` and optional settings::
     negative_prompt: blurry     # added once to the style's negative prompt
     model: stabilityai/stable-diffusion-xl-base-1.0
     same_initial_noise: false   # true: every frame starts from the same noise (the public code's prior)
+    regional_prompts: false     # true: in frames with regions, each description is read only inside its box
 
 `characters` may also be a list of `{name, description}` mappings or of `[Name] description`
 strings, and `characters` / `frames` may each be one block of text-box text (`frames: |`). YAML
@@ -75,7 +76,7 @@ COMMENT_PREFIX = "//"  # text-box lines starting with this are ignored
 STORY_SUFFIXES = (".yaml", ".yml", ".json")
 SETTING_KEYS = (
     "style", "seed", "steps", "guidance", "width", "height", "size", "id_length", "rate", "negative_prompt", "model",
-    "same_initial_noise",
+    "same_initial_noise", "regional_prompts",
 )  # fmt: skip
 TOP_LEVEL_KEYS = ("characters", "frames", *SETTING_KEYS)
 
@@ -172,6 +173,7 @@ class StorySettings:
     negative_prompt: str = ""  # the user's negative, added once to the style's
     model: str | None = None  # model id or path; None: the caller's default
     same_initial_noise: bool = False  # every frame from the same initial noise (the public code's prior)
+    regional_prompts: bool = False  # frames with regions: each description read only inside its box
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -244,9 +246,9 @@ def _check_setting(name: str, value: Any) -> Any:
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise _Invalid(f"model must be a model id or path, got {_show(value)}")
         return value
-    if name == "same_initial_noise":
+    if name in ("same_initial_noise", "regional_prompts"):
         if not isinstance(value, bool):
-            raise _Invalid(f"same_initial_noise must be true or false, got {_show(value)}")
+            raise _Invalid(f"{name} must be true or false, got {_show(value)}")
         return value
     raise _Invalid(f"unknown setting {name!r}")
 

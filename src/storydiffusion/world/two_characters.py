@@ -13,6 +13,7 @@ Arms (same seeds, so the only difference is how the banks are read):
     unmasked   CSA on, masks off: every token of a joint frame reads both characters' banks
     masked     CSA on, subject masks inferred from the cross-attention of each character's tokens
     regions    CSA on, the masks given as boxes: left half for the first character, right half for the second
+    regional_prompts  as regions, and each description read by the cross-attention only inside its box
 
 Scores per arm, over the joint frames (figures `f` of character `c`, solo frames `r` of `c` or of the other
 character `o`, identity attributes `a` that the descriptions leave to the model):
@@ -41,7 +42,7 @@ from storydiffusion.story.format import Story, StoryFormatError
 from storydiffusion.world import render as world
 from storydiffusion.world.eval import SCORED_IDENTITY, EvalSettings, parse_world_prompt
 
-PAIR_ARMS: tuple[str, ...] = ("baseline", "unmasked", "masked", "regions")
+PAIR_ARMS: tuple[str, ...] = ("baseline", "unmasked", "masked", "regions", "regional_prompts")
 PAIR_NAMES = ("Bob", "Ann")  # the characters of the built-in stories
 HALF_BOXES = ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0))  # the regions arm's boxes: left, right
 
@@ -254,6 +255,7 @@ def pair_arm_settings(settings: EvalSettings) -> dict[str, tuple[CSAConfig, bool
         "unmasked": (replace(csa, subject_masks="off"), False),
         "masked": (replace(csa, subject_masks="infer"), False),
         "regions": (replace(csa, subject_masks="infer"), True),
+        "regional_prompts": (replace(csa, subject_masks="infer", regional_prompts=True), True),
     }
 
 

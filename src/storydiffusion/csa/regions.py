@@ -1,0 +1,83 @@
+"""Regional cross-attention: in a frame with regions, each character's description is read only inside its box.
+
+Two descriptions in one prompt leak into each other ("a man with red hair and a woman with a green hat"
+gives red hats). With `CSAConfig(regional_prompts=True)` and user-given regions, a `RegionalCrossAttnProcessor`
+on every cross-attention layer (`attn2`) of the UNet masks, for the conditional guidance half, the keys of
+character X's description tokens for every query token outside X's region; the rest of the prompt (the
+scene, the style) and every token of the unconditional half stay visible to all. It stands in for the
+replaced processor only during such frames and hands the mask to it, as diffusers' `attention_mask`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from storydiffusion.csa.attention import WrappingProcessor
+from storydiffusion.csa.masks import exclusive, grid_shape, resize_mask
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
+
+
+def region_text_mask(
+    regions: Mapping[str, torch.Tensor], tokens: Mapping[str, Sequence[int]], num_queries: int, num_keys: int
+) -> torch.Tensor:
+    """(N, T) bool: which text tokens each image token may read — character X's description tokens only
+    inside X's region (`regions`: name -> (H, W) bool mask over the frame; `tokens`: name -> positions)."""
+    allowed = torch.ones(num_queries, num_keys, dtype=torch.bool)
+    if not regions:
+        return allowed
+    size = grid_shape(num_queries, next(iter(regions.values())).shape)
+    grids = exclusive({name: resize_mask(mask, size) for name, mask in regions.items()})
+    for name, positions in tokens.items():
+        inside = grids.get(name)
+        columns = [p for p in positions if p < num_keys]
+        if inside is None or not columns:
+            continue
+        allowed[:, columns] = inside.flatten()[:, None]
+    return allowed
+
+
+class RegionalCrossAttnProcessor(WrappingProcessor):
+    """Cross-attention whose conditional half reads each character's description only inside its region."""
+
+    def __init__(self, name: str, controller: Any, original: Any) -> None:
+        super().__init__(original)
+        self.name = name
+        self.controller = controller
+
+    def __repr__(self) -> str:
+        return f"RegionalCrossAttnProcessor(name={self.name!r})"
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        regions = self.controller.prompt_regions
+        if regions is not None and encoder_hidden_states is not None and attention_mask is None:
+            text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
+            num_queries = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states[0, 0].numel()
+            attention_mask = self.additive_mask(regions, num_queries, text.shape[1], hidden_states)
+        return self.call_original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+    def additive_mask(self, regions: Any, num_queries: int, num_keys: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch, N, T) additive mask: 0 where allowed, the dtype's lowest value where not; the unconditional
+        half (first, as diffusers stacks it) all 0."""
+        masks, tokens = regions
+        images = len(masks)
+        allowed = torch.stack(
+            [region_text_mask(m, t, num_queries, num_keys) for m, t in zip(masks, tokens)]
+        )  # (images, N, T)
+        halves = hidden_states.shape[0] // images
+        allowed = torch.cat([torch.ones_like(allowed)] * (halves - 1) + [allowed])  # (halves*images, N, T)
+        dtype = hidden_states.dtype
+        additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        return additive.to(hidden_states.device)
