@@ -150,3 +150,15 @@ def test_phrase_positions_point_at_the_description_in_the_t5_sequence(dit_pipe):
     ids = tokenizer(prompt, add_special_tokens=True).input_ids
     offset = 0 if story.kind == "flux" else 77
     assert tokenizer.decode([ids[p - offset] for p in positions]).strip() == "red hair"
+
+
+def test_a_character_file_regenerates_the_same_bank(dit_pipe, tmp_path):
+    """The small character file (recipe) rebuilds the bank bit for bit on a DiT too (Flux: positions included)."""
+    from storydiffusion.pipelines.characters import CharacterRecipe
+
+    story = StoryPipeline(dit_pipe, CSAConfig(rate=0.5), bank_storage="memory")
+    bank = story(CHARACTERS, FRAMES, id_length=2, **CALL).banks["Bob"]
+    path = tmp_path / "Bob.character.json"
+    CharacterRecipe.from_bank(bank).save(path)
+    again = CharacterRecipe.load(path).regenerate(story).bank
+    assert again.digest == bank.digest and len(again) == len(bank)

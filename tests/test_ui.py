@@ -209,3 +209,19 @@ def test_video_tab_animates_the_last_run(app):
     assert "To panel is 9" in message and video is None
     message, video = app.on_video(session, **{**video_args, "whole_story": True})
     assert len(read_video(video)) == 5, message  # 3 panels: 3 + 2 frames, shared keyframes once
+
+
+@pytest.mark.parametrize("model", ["tiny-random-flux", "tiny-random-sd3"])
+def test_the_page_serves_a_dit_model(model, tmp_path, one_torch_thread):
+    """A server started on a Flux or SD3 model draws the story with it, through the same runner."""
+    dit = StoryApp(model, root=tmp_path / "runs")
+    try:
+        assert model in dit.models and dit.defaults["size"] == "64x64"  # the tiny random models' small size
+        updates = list(dit.on_generate(*form(model=model, steps=2, size="32x32")))
+        message, panels, _, _, _, banks, session = updates[-1]
+        assert message.startswith("3 panels") and len(panels) == 3
+        manifest = json.loads((Path(session["out"]) / "manifest.json").read_text())
+        assert manifest["settings"]["model"] == model
+        assert [p.rsplit("/", 1)[-1] for p in banks] == ["Mia.character.json"]
+    finally:
+        dit.close()
