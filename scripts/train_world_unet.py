@@ -40,6 +40,11 @@ core), then from the previous shipped UNet (git 082b2d6, trained with identity c
 --part-weight 0.05 --part-colour-weight 0`, 3,000-5,000 with `--clean-sibling 0.5 --part-weight 0.1`,
 5,000-9,200 adding `--part-colour-weight 0.5` (the defaults below), stopped at 9,200 for the export:
 135 min of wall time, ~0.75-0.85 s a step. Held-out sibling gain 0.033 -> 0.074 (step 5,000) -> 0.089.
+Then (stop 18) from that UNet, the shards re-rendered the same way (15 min), `--init
+src/storydiffusion/assets/tiny/unet --steps 9000 --lr 5e-4 --warmup 100`: steps 0-3,100 with
+`--part-colour-weight 2.0` (strip 0.45 -> 0.49, but the single-panel alignment fell to 0.21), then `--resume`
+with `--part-colour-weight 0.5 --single-share 0.35` to step 8,200 (stopped there for the export): 130 min of
+wall time on one thread, ~0.65-1.4 s a step (the other core busy). Held-out sibling gain 0.073 -> 0.100.
 5.8 M parameters, 11.5 MB fp16. Not yet at the instrument's gate (README, "The tiny world"); go on with
 `--init src/storydiffusion/assets/tiny/unet`.
 """
