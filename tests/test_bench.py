@@ -59,5 +59,11 @@ def test_bench_consistory_plus_smoke_run_on_the_tiny_model(monkeypatch, capsys, 
         assert json.loads((out / arm / "batch.json").read_text())["complete"]
     table = json_path.with_suffix(".md").read_text()
     assert "| csa_masked |" in table and "published: 1Prompt1Story" in table and table in stdout
-    # the shared-noise arm draws every frame of a subject from one noise; the others do not
-    assert result["csa_shared_noise"]["clip_i"] > result["csa"]["clip_i"]
+    # each arm ran with its own settings: the shared-noise arm draws every frame of a subject from one seed,
+    # the csa arm one seed per frame, vanilla borrows nothing
+    for arm, shared in (("csa_shared_noise", True), ("csa", False)):
+        for manifest_path in (out / arm).glob("*/manifest.json"):
+            seeds = [panel["seed"] for panel in json.loads(manifest_path.read_text())["panels"].values()]
+            assert (len(set(seeds)) == 1) == shared, (arm, seeds)
+    rates = {json.loads(m.read_text())["settings"]["rate"] for m in (out / "vanilla").glob("*/manifest.json")}
+    assert rates == {0.0}
