@@ -221,28 +221,16 @@ def transition(
     """One transition's frames, seeded by `settings.seed`."""
     backend = as_backend(pipe)
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-    if isinstance(backend, FLF2VBackend):
-        return backend(
-            start,
-            end,
-            prompt,
-            num_frames=settings.num_frames,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance,
-            negative_prompt=settings.negative_prompt or None,
-            generator=generator,
-        )
-    output = backend.pipe(
-        start,
-        end,
-        prompt,
+    common = dict(
         num_frames=settings.num_frames,
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance,
         negative_prompt=settings.negative_prompt or None,
-        motion=settings.motion,
         generator=generator,
     )
+    if isinstance(backend, FLF2VBackend):
+        return backend(start, end, prompt, **common)
+    output = backend.pipe(start, end, prompt, motion=settings.motion, **common)
     return output.frames[0]
 
 
