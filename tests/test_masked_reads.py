@@ -8,8 +8,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from storydiffusion import CSAConfig, CSASchedule, IdentityBank
 from storydiffusion.csa.attention import ConsistentSelfAttnProcessor, bank_read_mask, consistent_attention
 from storydiffusion.csa.bank import BankSettings
-from storydiffusion.csa.controller import ConsistentAttention, grid_shape
-from storydiffusion.csa.masks import box_mask
+from storydiffusion.csa.controller import ConsistentAttention
+from storydiffusion.csa.masks import box_mask, grid_shape
 from storydiffusion.errors import StoryDiffusionError
 from storydiffusion.pipelines.story_pipeline import Frame, StoryPipeline
 from storydiffusion.story.format import Story, StoryFormatError

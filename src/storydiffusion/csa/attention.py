@@ -238,6 +238,18 @@ class WrappingProcessor:
         )
 
 
+class ControlledWrappingProcessor(WrappingProcessor):
+    """A `WrappingProcessor` for one named layer that asks a controller what to do (settings only)."""
+
+    def __init__(self, name: str, controller: Any, original: Any) -> None:
+        super().__init__(original)
+        self.name = name
+        self.controller = controller
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
 class ConsistentSelfAttnProcessor(WrappingProcessor):
     """Self-attention whose keys/values are extended with other images' tokens.
 

@@ -29,7 +29,7 @@ from storydiffusion.csa.attention import (
 )
 from storydiffusion.csa.bank import IdentityBank
 from storydiffusion.csa.joint import JointConsistentAttnProcessor
-from storydiffusion.csa.masks import exclusive, grid_shape, resize_mask
+from storydiffusion.csa.masks import grid_masks
 from storydiffusion.csa.regions import RegionalCrossAttnProcessor
 from storydiffusion.csa.subjects import SubjectMapRecorder, SubjectMaps
 from storydiffusion.errors import StoryDiffusionError
@@ -174,13 +174,10 @@ class ConsistentAttention:
         if self.is_installed:
             raise StoryDiffusionError("this ConsistentAttention is already installed; call uninstall() first")
         originals = unet.attn_processors
-        if any(isinstance(p, ConsistentSelfAttnProcessor) for p in originals.values()):
+        if any(isinstance(p, ConsistentSelfAttnProcessor | JointConsistentAttnProcessor) for p in originals.values()):
             raise StoryDiffusionError(
-                "this UNet already runs Consistent Self-Attention from another controller; uninstall that one first"
-            )
-        if any(isinstance(p, JointConsistentAttnProcessor) for p in originals.values()):
-            raise StoryDiffusionError(
-                "this transformer already runs Consistent Self-Attention from another controller; uninstall that one"
+                f"this {type(unet).__name__} already runs Consistent Self-Attention from another controller; "
+                "uninstall that one first"
             )
         self.kind = model_kind(unet)
         self.layers = select_layers(unet, self.config)
@@ -355,7 +352,7 @@ class ConsistentAttention:
             return self.sample_indices(num_images, num_tokens, num_samples) if num_samples else None
         inside = torch.zeros(num_images, num_tokens, dtype=torch.bool)  # (B, N): in the image's subject mask
         for image, image_masks in enumerate(self.read_masks):
-            for mask in self._grid_masks(image_masks, num_tokens).values():
+            for mask in grid_masks(image_masks, num_tokens).values():
                 inside[image] |= mask
         num_samples = num_sampled_tokens(int(inside.sum(1).min()), rate)
         if num_samples == 0:
@@ -439,20 +436,11 @@ class ConsistentAttention:
         bank_owner = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(counts)])
         return bank_read_mask(self._owner_cache[num_tokens], bank_owner).to(device)
 
-    @staticmethod
-    def _grid_masks(image_masks: Mapping[str, torch.Tensor], num_tokens: int) -> dict[str, torch.Tensor]:
-        """An image's masks at a layer's token grid, not overlapping, flattened: name -> (N,) bool."""
-        if not image_masks:
-            return {}
-        size = grid_shape(num_tokens, next(iter(image_masks.values())).shape)
-        resized = exclusive({name: resize_mask(mask, size) for name, mask in image_masks.items()})
-        return {name: mask.flatten() for name, mask in resized.items()}
-
     def _query_owner(self, image_masks: Mapping[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
         """(N,) index into `read_banks` of the character whose mask holds each token (-1: background)."""
         owner = torch.full((num_tokens,), -1, dtype=torch.long)
         order = [bank.character for bank in self.read_banks]
-        for name, mask in self._grid_masks(image_masks, num_tokens).items():
+        for name, mask in grid_masks(image_masks, num_tokens).items():
             owner[mask] = order.index(name)
         return owner
 

@@ -96,6 +96,15 @@ def exclusive(masks: Mapping[str, torch.Tensor], scores: Mapping[str, torch.Tens
     return {n: owner == i for i, n in enumerate(names)}
 
 
+def grid_masks(image_masks: Mapping[str, torch.Tensor], num_tokens: int) -> dict[str, torch.Tensor]:
+    """An image's masks at a layer's token grid, not overlapping, flattened: name -> (N,) bool."""
+    if not image_masks:
+        return {}
+    size = grid_shape(num_tokens, next(iter(image_masks.values())).shape)
+    resized = exclusive({name: resize_mask(mask, size) for name, mask in image_masks.items()})
+    return {name: mask.flatten() for name, mask in resized.items()}
+
+
 def token_owner(masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """(N,) long: for each token of a flattened grid, the index of the mask that holds it, -1 for none.
     Masks must not overlap (`exclusive`)."""

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from storydiffusion.csa.attention import WrappingProcessor
-from storydiffusion.csa.masks import exclusive, grid_shape, resize_mask
+from storydiffusion.csa.attention import ControlledWrappingProcessor
+from storydiffusion.csa.masks import grid_masks
 
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
@@ -28,29 +28,18 @@ def region_text_mask(
     """(N, T) bool: which text tokens each image token may read — character X's description tokens only
     inside X's region (`regions`: name -> (H, W) bool mask over the frame; `tokens`: name -> positions)."""
     allowed = torch.ones(num_queries, num_keys, dtype=torch.bool)
-    if not regions:
-        return allowed
-    size = grid_shape(num_queries, next(iter(regions.values())).shape)
-    grids = exclusive({name: resize_mask(mask, size) for name, mask in regions.items()})
+    grids = grid_masks(regions, num_queries)
     for name, positions in tokens.items():
         inside = grids.get(name)
         columns = [p for p in positions if p < num_keys]
         if inside is None or not columns:
             continue
-        allowed[:, columns] = inside.flatten()[:, None]
+        allowed[:, columns] = inside[:, None]
     return allowed
 
 
-class RegionalCrossAttnProcessor(WrappingProcessor):
+class RegionalCrossAttnProcessor(ControlledWrappingProcessor):
     """Cross-attention whose conditional half reads each character's description only inside its region."""
-
-    def __init__(self, name: str, controller: Any, original: Any) -> None:
-        super().__init__(original)
-        self.name = name
-        self.controller = controller
-
-    def __repr__(self) -> str:
-        return f"RegionalCrossAttnProcessor(name={self.name!r})"
 
     def __call__(
         self,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from storydiffusion.csa.attention import WrappingProcessor, heads_first
+from storydiffusion.csa.attention import ControlledWrappingProcessor, heads_first
 from storydiffusion.csa.masks import exclusive, grid_shape, mask_from_map
 
 if TYPE_CHECKING:
@@ -57,16 +57,8 @@ class SubjectMaps:
         return out
 
 
-class SubjectMapRecorder(WrappingProcessor):
+class SubjectMapRecorder(ControlledWrappingProcessor):
     """Cross-attention that also hands its attention to the subject tokens to the controller's maps."""
-
-    def __init__(self, name: str, controller: Any, original: Any) -> None:
-        super().__init__(original)
-        self.name = name
-        self.controller = controller
-
-    def __repr__(self) -> str:
-        return f"SubjectMapRecorder(name={self.name!r})"
 
     def __call__(
         self,
