@@ -239,6 +239,52 @@ def test_bank_read_equals_the_dense_formulation(flux, masked):
     torch.testing.assert_close(text_out, plain_text, atol=1e-6, rtol=1e-5)
 
 
+class Maps:
+    def __init__(self) -> None:
+        self.added: list[torch.Tensor] = []
+
+    def add(self, probabilities: torch.Tensor) -> None:
+        self.added.append(probabilities)
+
+
+class RecordingController(ReadController):
+    """A frame phase that infers subject masks: the processor hands over the image-to-text attention."""
+
+    images_per_call = IMAGES
+
+    def __init__(self, tokens, positions, gated_on: bool) -> None:
+        super().__init__(tokens, positions)
+        self.maps, self.gated_on = Maps(), gated_on
+
+    def recording_maps(self):
+        return self.maps
+
+    def wants_csa(self, name: str) -> bool:
+        return self.gated_on
+
+
+@pytest.mark.parametrize("gated_on", [True, False])
+def test_subject_maps_are_the_image_to_text_attention_with_one_projection(flux, gated_on):
+    """Recorded maps equal the head-mean softmax of image queries over the text keys, written out, whether the
+    layer runs CSA or not; a CSA call projects the queries once (the maps reuse the attention's projections)."""
+    attn, hidden, text, rotary = _attention_inputs(flux)
+    g = torch.Generator().manual_seed(3)
+    bank, positions = torch.randn(1, 6, attn.query_dim, generator=g), TEXT + torch.arange(6)
+    controller = RecordingController(bank, positions, gated_on)
+    processor = FluxConsistentAttnProcessor("b0", 0.5, controller, attn.processor)
+    calls = []
+    hook = attn.to_q.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        processor(attn, hidden, text, image_rotary_emb=rotary)
+    hook.remove()
+    q, k, _, _, _, _ = _plain_qkv(attn, hidden, text)
+    qr, kr = (apply_rotary_emb(t, rotary, sequence_dim=1) for t in (q, k))
+    scores = torch.einsum("bnhd,bthd->bhnt", qr[:, TEXT:], kr[:, :TEXT]) * attn.head_dim**-0.5
+    (maps,) = controller.maps.added
+    torch.testing.assert_close(maps, scores.softmax(-1).mean(1), atol=1e-5, rtol=1e-4)
+    assert len(calls) == (1 if gated_on else 2)  # gated off: once for the maps, once in the replaced processor
+
+
 def test_bank_read_without_positions_is_refused_for_source_positions(flux):
     attn, hidden, text, rotary = _attention_inputs(flux)
     bank = torch.randn(1, 4, attn.query_dim)

@@ -6,8 +6,9 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from storydiffusion import CSAConfig
+from storydiffusion.csa import controller as controller_module
 from storydiffusion.csa.masks import box_mask
-from storydiffusion.csa.regions import RegionalCrossAttnProcessor, region_text_mask
+from storydiffusion.csa.regions import RegionalCrossAttnProcessor, region_text_mask, regional_additive_mask
 from storydiffusion.pipelines.story_pipeline import Frame, StoryPipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -29,6 +30,9 @@ def test_region_text_mask_hides_a_description_outside_its_region():
 class Controller:
     def __init__(self, regions) -> None:
         self.prompt_regions = regions
+
+    def regional_mask(self, num_queries, num_keys, batch, dtype, device):
+        return regional_additive_mask(self.prompt_regions, num_queries, num_keys, batch, dtype).to(device)
 
 
 def test_the_processor_equals_masked_cross_attention_written_out():
@@ -55,7 +59,14 @@ def test_the_processor_equals_masked_cross_attention_written_out():
     assert torch.equal(ours[:2], attn.processor(attn, hidden, text)[:2])  # the unconditional half: untouched
 
 
-def test_regional_prompts_change_only_frames_with_regions(sd_pipe):
+def test_regional_prompts_change_only_frames_with_regions(sd_pipe, monkeypatch):
+    built = []  # the regional mask of a frame is built once per attention shape, not at every call
+
+    def counting(regions, num_queries, num_keys, batch, dtype):
+        built.append((id(regions), num_queries, num_keys, batch))
+        return regional_additive_mask(regions, num_queries, num_keys, batch, dtype)
+
+    monkeypatch.setattr(controller_module, "regional_additive_mask", counting)
     joint = "a man with red hair and a woman with a green hat dance"
     frames = ["[Bob] at home", "[Ann] at home", Frame(joint, ("Bob", "Ann"), None, REGIONS), "[Bob] on a bus"]
     plain = StoryPipeline(sd_pipe, CSAConfig(rate=0.5))(CHARACTERS, frames, id_length=1, **RUN).images
@@ -65,4 +76,5 @@ def test_regional_prompts_change_only_frames_with_regions(sd_pipe):
     for i in (0, 1, 3):
         np.testing.assert_array_equal(regional[i], plain[i])
     assert np.abs(regional[2] - plain[2]).max() > 1e-4
+    assert built and len(built) == len(set(built)) < RUN["num_inference_steps"] * 2
     assert not any("Regional" in type(p).__name__ for p in sd_pipe.unet.attn_processors.values())  # removed after

@@ -26,9 +26,56 @@ app = typer.Typer(
 )
 
 
+# Options `story` and `batch` share, spelled once so the two commands cannot drift apart.
+DtypeOption = Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16.")]
+StepsOption = Annotated[int | None, typer.Option(min=1, help="Denoising steps (overrides the story's).")]
+SeedOption = Annotated[int | None, typer.Option(min=0, help="Story seed (overrides the story's).")]
+GuidanceOption = Annotated[float | None, typer.Option(min=0.0, help="Guidance scale (overrides the story's).")]
+WidthOption = Annotated[int | None, typer.Option(min=8, help="Panel width in px, a multiple of 8.")]
+HeightOption = Annotated[int | None, typer.Option(min=8, help="Panel height in px, a multiple of 8.")]
+IdLengthOption = Annotated[int | None, typer.Option(min=1, help="Reference frames per character.")]
+RateOption = Annotated[float | None, typer.Option(min=0.0, max=1.0, help="CSA sampling rate.")]
+StyleOption = Annotated[str | None, typer.Option(help="Style name, e.g. 'Comic book'.")]
+NegativePromptOption = Annotated[str | None, typer.Option(help="Negative prompt, added to the style's.")]
+SameInitialNoiseOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--same-initial-noise/--own-initial-noise",
+        help="Every frame from the same initial noise (the public code's consistency prior; overrides the story).",
+    ),
+]
+RegionalPromptsOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--regional-prompts/--no-regional-prompts",
+        help="In frames with regions, read each character's description only inside its box (UNet models).",
+    ),
+]
+LayoutOption = Annotated[str, typer.Option(help="Comic layout: classic, grid or four.")]
+RowsOption = Annotated[int, typer.Option(min=1, help="Grid layout: rows per page.")]
+ColsOption = Annotated[int, typer.Option(min=1, help="Grid layout: panels per row.")]
+CpuOffloadOption = Annotated[bool, typer.Option(help="diffusers model CPU offload (GPU only).")]
+VaeSlicingOption = Annotated[bool, typer.Option(help="Decode images one at a time.")]
+VaeTilingOption = Annotated[bool, typer.Option(help="Decode large images in tiles.")]
+BankDtypeOption = Annotated[
+    str, typer.Option(help="Identity bank storage: int8, float16, bfloat16, float32; int4 (lossy, half of int8).")
+]
+BankStorageOption = Annotated[
+    str, typer.Option(help="Identity banks in RAM (memory), in a file read a step at a time (disk), or auto.")
+]
+BankCacheOption = Annotated[
+    str, typer.Option(help="Write the full bank beside each character file: auto (up to 256 MiB), always, never.")
+]
+
+
 @app.callback()
 def _commands() -> None:
     """storydiffusion: consistent characters across story panels, laid out as comics."""
+
+
+def _given(**settings: object) -> dict[str, object]:
+    """The story settings given on the command line (the rest stay the story's)."""
+    return {name: value for name, value in settings.items() if value is not None}
 
 
 @app.command()
@@ -80,46 +127,27 @@ def story_command(
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16.")] = "auto",
-    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (overrides the story).")] = None,
-    seed: Annotated[int | None, typer.Option(min=0, help="Story seed (overrides the story).")] = None,
-    guidance: Annotated[float | None, typer.Option(min=0.0, help="Guidance scale (overrides the story).")] = None,
-    width: Annotated[int | None, typer.Option(min=8, help="Panel width in px, a multiple of 8.")] = None,
-    height: Annotated[int | None, typer.Option(min=8, help="Panel height in px, a multiple of 8.")] = None,
-    id_length: Annotated[int | None, typer.Option(min=1, help="Reference frames per character.")] = None,
-    rate: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="CSA sampling rate.")] = None,
-    style: Annotated[str | None, typer.Option(help="Style name, e.g. 'Comic book'.")] = None,
-    negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt, added to the style's.")] = None,
-    same_initial_noise: Annotated[
-        bool | None,
-        typer.Option(
-            "--same-initial-noise/--own-initial-noise",
-            help="Every frame from the same initial noise (the public code's consistency prior; overrides the story).",
-        ),
-    ] = None,
-    regional_prompts: Annotated[
-        bool | None,
-        typer.Option(
-            "--regional-prompts/--no-regional-prompts",
-            help="In frames with regions, read each character's description only inside its box (UNet models).",
-        ),
-    ] = None,
-    layout: Annotated[str, typer.Option(help="Comic layout: classic, grid or four.")] = "classic",
-    rows: Annotated[int, typer.Option(min=1, help="Grid layout: rows per page.")] = 2,
-    cols: Annotated[int, typer.Option(min=1, help="Grid layout: panels per row.")] = 2,
-    cpu_offload: Annotated[bool, typer.Option(help="diffusers model CPU offload (GPU only).")] = False,
-    vae_slicing: Annotated[bool, typer.Option(help="Decode images one at a time.")] = False,
-    vae_tiling: Annotated[bool, typer.Option(help="Decode large images in tiles.")] = False,
-    bank_dtype: Annotated[
-        str, typer.Option(help="Identity bank storage: int8, float16, bfloat16, float32; int4 (lossy, half of int8).")
-    ] = "int8",
-    bank_storage: Annotated[
-        str, typer.Option(help="Identity banks in RAM (memory), in a file read a step at a time (disk), or auto.")
-    ] = "auto",
-    bank_cache: Annotated[
-        str,
-        typer.Option(help="Write the full bank beside each character file: auto (up to 256 MiB), always, never."),
-    ] = "auto",
+    dtype: DtypeOption = "auto",
+    steps: StepsOption = None,
+    seed: SeedOption = None,
+    guidance: GuidanceOption = None,
+    width: WidthOption = None,
+    height: HeightOption = None,
+    id_length: IdLengthOption = None,
+    rate: RateOption = None,
+    style: StyleOption = None,
+    negative_prompt: NegativePromptOption = None,
+    same_initial_noise: SameInitialNoiseOption = None,
+    regional_prompts: RegionalPromptsOption = None,
+    layout: LayoutOption = "classic",
+    rows: RowsOption = 2,
+    cols: ColsOption = 2,
+    cpu_offload: CpuOffloadOption = False,
+    vae_slicing: VaeSlicingOption = False,
+    vae_tiling: VaeTilingOption = False,
+    bank_dtype: BankDtypeOption = "int8",
+    bank_storage: BankStorageOption = "auto",
+    bank_cache: BankCacheOption = "auto",
     overwrite: Annotated[bool, typer.Option(help="Start over instead of resuming what OUT holds.")] = False,
     bank: Annotated[
         list[Path] | None,
@@ -134,21 +162,20 @@ def story_command(
     from storydiffusion.story.comic import ComicLayout
     from storydiffusion.story.format import Story, StorySettings
 
-    overrides = {
-        "steps": steps,
-        "seed": seed,
-        "guidance": guidance,
-        "width": width,
-        "height": height,
-        "id_length": id_length,
-        "rate": rate,
-        "style": style,
-        "negative_prompt": negative_prompt,
-        "model": model,
-        "same_initial_noise": same_initial_noise,
-        "regional_prompts": regional_prompts,
-    }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides = _given(
+        steps=steps,
+        seed=seed,
+        guidance=guidance,
+        width=width,
+        height=height,
+        id_length=id_length,
+        rate=rate,
+        style=style,
+        negative_prompt=negative_prompt,
+        model=model,
+        same_initial_noise=same_initial_noise,
+        regional_prompts=regional_prompts,
+    )
     if (story_file is None) == (characters is None and frames is None):
         raise StoryDiffusionError("give either a STORY file or --characters and --frames, not both or neither")
     from storydiffusion.pipelines.characters import saved_character_name
@@ -508,43 +535,28 @@ def batch_command(
         typer.Option(help="Hub id, folder, 'tiny' or tiny-random[-sdxl|-flux|-sd3]; default: each story's, else tiny."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps (each process its own GPU).")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16.")] = "auto",
-    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (overrides every story).")] = None,
-    seed: Annotated[int | None, typer.Option(min=0, help="Seed of every story (overrides the stories).")] = None,
-    guidance: Annotated[float | None, typer.Option(min=0.0, help="Guidance scale (overrides every story).")] = None,
-    width: Annotated[int | None, typer.Option(min=8, help="Panel width in px, a multiple of 8.")] = None,
-    height: Annotated[int | None, typer.Option(min=8, help="Panel height in px, a multiple of 8.")] = None,
-    id_length: Annotated[int | None, typer.Option(min=1, help="Reference frames per character.")] = None,
-    rate: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="CSA sampling rate.")] = None,
-    style: Annotated[str | None, typer.Option(help="Style name, e.g. 'Comic book'.")] = None,
-    negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt, added to the style's.")] = None,
-    same_initial_noise: Annotated[
-        bool | None,
-        typer.Option("--same-initial-noise/--own-initial-noise", help="Every frame of a story from the same noise."),
-    ] = None,
-    regional_prompts: Annotated[
-        bool | None,
-        typer.Option(
-            "--regional-prompts/--no-regional-prompts",
-            help="In frames with regions, read each description only inside its box (overrides the stories).",
-        ),
-    ] = None,
+    dtype: DtypeOption = "auto",
+    steps: StepsOption = None,
+    seed: SeedOption = None,
+    guidance: GuidanceOption = None,
+    width: WidthOption = None,
+    height: HeightOption = None,
+    id_length: IdLengthOption = None,
+    rate: RateOption = None,
+    style: StyleOption = None,
+    negative_prompt: NegativePromptOption = None,
+    same_initial_noise: SameInitialNoiseOption = None,
+    regional_prompts: RegionalPromptsOption = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N stories of the inputs.")] = None,
-    layout: Annotated[str, typer.Option(help="Comic layout: classic, grid or four.")] = "classic",
-    rows: Annotated[int, typer.Option(min=1, help="Grid layout: rows per page.")] = 2,
-    cols: Annotated[int, typer.Option(min=1, help="Grid layout: panels per row.")] = 2,
-    cpu_offload: Annotated[bool, typer.Option(help="diffusers model CPU offload (GPU only).")] = False,
-    vae_slicing: Annotated[bool, typer.Option(help="Decode images one at a time.")] = False,
-    vae_tiling: Annotated[bool, typer.Option(help="Decode large images in tiles.")] = False,
-    bank_dtype: Annotated[str, typer.Option(help="Identity bank storage: int8, float16, bfloat16, float32, int4.")] = (
-        "int8"
-    ),
-    bank_storage: Annotated[str, typer.Option(help="Identity banks in RAM (memory), on disk (disk), or auto.")] = (
-        "auto"
-    ),
-    bank_cache: Annotated[str, typer.Option(help="Full bank beside each character file: auto, always, never.")] = (
-        "auto"
-    ),
+    layout: LayoutOption = "classic",
+    rows: RowsOption = 2,
+    cols: ColsOption = 2,
+    cpu_offload: CpuOffloadOption = False,
+    vae_slicing: VaeSlicingOption = False,
+    vae_tiling: VaeTilingOption = False,
+    bank_dtype: BankDtypeOption = "int8",
+    bank_storage: BankStorageOption = "auto",
+    bank_cache: BankCacheOption = "auto",
     overwrite: Annotated[bool, typer.Option(help="Start every story over instead of resuming.")] = False,
 ) -> None:
     """Draw many stories into OUT/NAME/ through the resumable story runner; under `accelerate launch
@@ -553,21 +565,21 @@ def batch_command(
     from storydiffusion.app.runner import RunOptions, default_model
     from storydiffusion.story.comic import ComicLayout
 
-    overrides = {
-        "steps": steps,
-        "seed": seed,
-        "guidance": guidance,
-        "width": width,
-        "height": height,
-        "id_length": id_length,
-        "rate": rate,
-        "style": style,
-        "negative_prompt": negative_prompt,
-        "model": model,
-        "same_initial_noise": same_initial_noise,
-        "regional_prompts": regional_prompts,
-    }
-    stories = collect_stories(inputs, {k: v for k, v in overrides.items() if v is not None}, limit)
+    overrides = _given(
+        steps=steps,
+        seed=seed,
+        guidance=guidance,
+        width=width,
+        height=height,
+        id_length=id_length,
+        rate=rate,
+        style=style,
+        negative_prompt=negative_prompt,
+        model=model,
+        same_initial_noise=same_initial_noise,
+        regional_prompts=regional_prompts,
+    )
+    stories = collect_stories(inputs, overrides, limit)
     options = RunOptions(
         model=default_model(),
         device=device,

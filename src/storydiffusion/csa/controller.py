@@ -30,7 +30,7 @@ from storydiffusion.csa.attention import (
 from storydiffusion.csa.bank import IdentityBank
 from storydiffusion.csa.joint import JointConsistentAttnProcessor
 from storydiffusion.csa.masks import grid_masks
-from storydiffusion.csa.regions import RegionalCrossAttnProcessor
+from storydiffusion.csa.regions import RegionalCrossAttnProcessor, regional_additive_mask
 from storydiffusion.csa.subjects import SubjectMapRecorder, SubjectMaps
 from storydiffusion.errors import StoryDiffusionError
 
@@ -155,6 +155,7 @@ class ConsistentAttention:
             tuple[tuple[Mapping[str, torch.Tensor], ...], tuple[Mapping[str, Sequence[int]], ...]] | None
         )
         self.prompt_regions = None
+        self._region_mask_cache: dict[tuple, torch.Tensor] = {}
         self._remove_recorders()
 
     def __repr__(self) -> str:
@@ -435,6 +436,17 @@ class ConsistentAttention:
         counts = [bank.entry_tokens(self.step, layer) for bank in self.read_banks]
         bank_owner = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(counts)])
         return bank_read_mask(self._owner_cache[num_tokens], bank_owner).to(device)
+
+    def regional_mask(
+        self, num_queries: int, num_keys: int, batch: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """The (batch, N, T) additive regional-prompt mask of this frame (`csa.regions`) for a cross-attention
+        call of that shape: built once per shape and kept for the phase (the same at every step and layer)."""
+        key = (num_queries, num_keys, batch, dtype, device)
+        if key not in self._region_mask_cache:
+            mask = regional_additive_mask(self.prompt_regions, num_queries, num_keys, batch, dtype)
+            self._region_mask_cache[key] = mask.to(device)
+        return self._region_mask_cache[key]
 
     def _query_owner(self, image_masks: Mapping[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
         """(N,) index into `read_banks` of the character whose mask holds each token (-1: background)."""

@@ -199,13 +199,12 @@ class JointConsistentAttnProcessor(WrappingProcessor):
         double = encoder_hidden_states is not None
         if not double and self.layout == "sd3":
             return self._original(*args, **kwargs)  # SD3.5's image-only attn2: left plain
-        maps = ctrl.recording_maps() if attention_mask is None and hasattr(ctrl, "recording_maps") else None
-        if maps is not None:  # subject masks are inferred from the image-to-text attention
-            self._record_maps(attn, hidden_states, encoder_hidden_states, image_rotary_emb, maps)
-        if attention_mask is not None or ctrl.mode not in ("mutual", "read") or not ctrl.wants_csa(self.name):
-            return self._original(*args, **kwargs)
         text_first = self.layout == "flux"
         text_tokens = encoder_hidden_states.shape[1] if double else ctrl.text_tokens
+        # subject masks being inferred: the maps come from the image-to-text attention of the conditional half
+        maps = ctrl.recording_maps() if attention_mask is None and hasattr(ctrl, "recording_maps") else None
+        if attention_mask is not None or ctrl.mode not in ("mutual", "read") or not ctrl.wants_csa(self.name):
+            return self._plain(args, kwargs, maps, text_tokens)
         batch, sequence = hidden_states.shape[0], hidden_states.shape[1] + (text_tokens if double else 0)
         halves = ctrl.guidance_halves(batch)
         images, num_image_tokens = batch // halves, sequence - text_tokens
@@ -216,7 +215,7 @@ class JointConsistentAttnProcessor(WrappingProcessor):
             own = hidden_states if double else hidden_states[:, image]  # (halves*B, N, C) entering attention
             indices = ctrl.mutual_indices(images, num_image_tokens, self.rate)
             if indices is None:
-                return self._original(*args, **kwargs)
+                return self._plain(args, kwargs, maps, text_tokens)
             indices = indices.to(hidden_states.device)
             if ctrl.writes:
                 per_half = split_guidance(own, halves)
@@ -224,7 +223,7 @@ class JointConsistentAttnProcessor(WrappingProcessor):
                 positions = None if image_rotary_emb is None else self._positions(indices, text_tokens, text_first)
                 ctrl.write(self.name, gather_tokens(per_half, indices).flatten(1, 2), positions=positions)
             if images < 2:
-                return self._original(*args, **kwargs)
+                return self._plain(args, kwargs, maps, text_tokens)
             query, key, value, unrotated = self._projections(
                 attn, hidden_states, encoder_hidden_states, image_rotary_emb
             )
@@ -234,7 +233,7 @@ class JointConsistentAttnProcessor(WrappingProcessor):
         else:
             bank_tokens = ctrl.read(self.name, halves, hidden_states.dtype, hidden_states.device)  # (halves, M, C)
             if bank_tokens is None:
-                return self._original(*args, **kwargs)
+                return self._plain(args, kwargs, maps, text_tokens)
             bank_positions = ctrl.read_positions(self.name) if image_rotary_emb is not None else None
             query, key, value, _ = self._projections(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
             bank_key, bank_value = self._bank_projections(attn, bank_tokens, bank_positions, image_rotary_emb)
@@ -243,6 +242,8 @@ class JointConsistentAttnProcessor(WrappingProcessor):
                 query, key, value, text_tokens, bank_key, bank_value, read_mask, self.text_sees_borrowed, text_first,
                 backend,
             )  # fmt: skip
+        if maps is not None:  # from the projections just made (the conditional half is the last `images` rows)
+            self._record_maps(maps, query[-ctrl.images_per_call :], key[-ctrl.images_per_call :], text_tokens)
         out = out.flatten(2).to(query.dtype)  # (halves*B, S, H*D)
         if not double:
             return out
@@ -252,19 +253,25 @@ class JointConsistentAttnProcessor(WrappingProcessor):
             return image_out, text_part  # SD3's last block drops the text stream
         return image_out, attn.to_add_out(text_part.contiguous())
 
+    def _plain(self, args: tuple, kwargs: dict, maps: Any, text_tokens: int) -> Any:
+        """The replaced processor's call; while subject maps are recorded, the conditional half's query and key
+        are projected here for them (the replaced processor keeps its own)."""
+        if maps is not None:
+            attn, hidden_states, encoder_hidden_states, _, rotary = args
+            images = self.controller.images_per_call
+            text = encoder_hidden_states[-images:] if encoder_hidden_states is not None else None
+            with torch.no_grad():
+                query, key, _, _ = self._projections(attn, hidden_states[-images:], text, rotary)
+            self._record_maps(maps, query, key, text_tokens)
+        return self._original(*args, **kwargs)
+
     @torch.no_grad()
-    def _record_maps(self, attn: Any, hidden_states, encoder_hidden_states, rotary, maps: Any) -> None:
+    def _record_maps(self, maps: Any, query: torch.Tensor, key: torch.Tensor, text_tokens: int) -> None:
         """Hand the subject maps (`csa.subjects.SubjectMaps`) each conditional image's head-mean attention of its
-        image queries over the text keys, softmax over the text alone: (B, N, T), as a UNet's cross-attention."""
-        ctrl = self.controller
-        text_first = self.layout == "flux"
-        double = encoder_hidden_states is not None
-        text_tokens = encoder_hidden_states.shape[1] if double else ctrl.text_tokens
-        images = ctrl.images_per_call
-        hidden = hidden_states[-images:]  # diffusers stacks [uncond; cond]
-        text = encoder_hidden_states[-images:] if double else None
-        query, key, _, _ = self._projections(attn, hidden, text, rotary)  # (B, S, H, D)
+        image queries over the text keys, softmax over the text alone: (B, N, T), as a UNet's cross-attention.
+        `query`, `key`: the conditional images' joint sequences (B, S, H, D), normalised and rotated."""
         sequence = key.shape[1]
+        text_first = self.layout == "flux"
         image = image_span(sequence, text_tokens, text_first)
         words = slice(0, text_tokens) if text_first else slice(sequence - text_tokens, sequence)
         queries, keys = query[:, image].transpose(1, 2), key[:, words].transpose(1, 2)  # (B, H, N | T, D)

@@ -38,6 +38,23 @@ def region_text_mask(
     return allowed
 
 
+def regional_additive_mask(
+    regions: tuple[Sequence[Mapping[str, torch.Tensor]], Sequence[Mapping[str, Sequence[int]]]],
+    num_queries: int,
+    num_keys: int,
+    batch: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(batch, N, T) additive mask for a cross-attention call over the images of `regions` (per image: the
+    region masks, the description token positions): 0 where allowed, the dtype's lowest value where not; the
+    unconditional half (first, as diffusers stacks it) all 0."""
+    masks, tokens = regions
+    allowed = torch.stack([region_text_mask(m, t, num_queries, num_keys) for m, t in zip(masks, tokens)])
+    halves = batch // len(masks)
+    allowed = torch.cat([torch.ones_like(allowed)] * (halves - 1) + [allowed])  # (halves * images, N, T)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 class RegionalCrossAttnProcessor(ControlledWrappingProcessor):
     """Cross-attention whose conditional half reads each character's description only inside its region."""
 
@@ -50,23 +67,10 @@ class RegionalCrossAttnProcessor(ControlledWrappingProcessor):
         temb: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        regions = self.controller.prompt_regions
-        if regions is not None and encoder_hidden_states is not None and attention_mask is None:
+        if self.controller.prompt_regions is not None and encoder_hidden_states is not None and attention_mask is None:
             text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
             num_queries = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states[0, 0].numel()
-            attention_mask = self.additive_mask(regions, num_queries, text.shape[1], hidden_states)
+            attention_mask = self.controller.regional_mask(
+                num_queries, text.shape[1], hidden_states.shape[0], hidden_states.dtype, hidden_states.device
+            )
         return self.call_original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-
-    def additive_mask(self, regions: Any, num_queries: int, num_keys: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(batch, N, T) additive mask: 0 where allowed, the dtype's lowest value where not; the unconditional
-        half (first, as diffusers stacks it) all 0."""
-        masks, tokens = regions
-        images = len(masks)
-        allowed = torch.stack(
-            [region_text_mask(m, t, num_queries, num_keys) for m, t in zip(masks, tokens)]
-        )  # (images, N, T)
-        halves = hidden_states.shape[0] // images
-        allowed = torch.cat([torch.ones_like(allowed)] * (halves - 1) + [allowed])  # (halves*images, N, T)
-        dtype = hidden_states.dtype
-        additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        return additive.to(hidden_states.device)

@@ -92,13 +92,21 @@ def _vae(**flow_options: float) -> AutoencoderKL:
     )
 
 
-def _t5(d_model: int = 32) -> T5EncoderModel:
-    """A 2-layer T5 encoder over CLIP's vocabulary (the packaged CLIP tokenizer stands in for T5's)."""
-    config = T5Config(
-        vocab_size=49408, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
-        pad_token_id=49407, eos_token_id=49407, decoder_start_token_id=49407, dropout_rate=0.0,
+def tiny_t5(
+    d_model: int = 32, *, d_kv: int = 8, d_ff: int | None = None, buckets: int = 32, umt5: bool = False
+) -> T5EncoderModel:
+    """A 2-layer T5 (or UMT5: Wan's) encoder over CLIP's vocabulary (the packaged CLIP tokenizer stands in for
+    T5's), without dropout and in eval mode (a module built from a config starts in training mode)."""
+    options = dict(
+        vocab_size=49408, d_model=d_model, d_kv=d_kv, d_ff=d_ff or 2 * d_model, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=buckets, pad_token_id=49407, eos_token_id=49407,
+        decoder_start_token_id=49407, dropout_rate=0.0,
     )  # fmt: skip
-    return T5EncoderModel(config).eval()  # a module built by hand starts in training mode: dropout would run
+    if umt5:
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        return UMT5EncoderModel(UMT5Config(**options)).eval()
+    return T5EncoderModel(T5Config(**options)).eval()
 
 
 def _flow_scheduler(**options: float | bool) -> FlowMatchEulerDiscreteScheduler:
@@ -229,7 +237,7 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
             vae=_vae(scaling_factor=0.3611, shift_factor=0.1159),
             text_encoder=CLIPTextModel(_text_config(32)),
             tokenizer=tokenizer,
-            text_encoder_2=_t5(32),
+            text_encoder_2=tiny_t5(32),
             tokenizer_2=tokenizer,
             transformer=transformer,
         )
@@ -253,6 +261,6 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
             tokenizer=tokenizer,
             text_encoder_2=CLIPTextModelWithProjection(_text_config(16, projection_dim=32)),
             tokenizer_2=tokenizer,
-            text_encoder_3=_t5(32),
+            text_encoder_3=tiny_t5(32),
             tokenizer_3=tokenizer,
         )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from storydiffusion.pipelines.tiny_random import clip_tokenizer, seeded
+from storydiffusion.pipelines.tiny_random import clip_tokenizer, seeded, tiny_t5
 
 TINY_RANDOM_FLF2V = "tiny-random-flf2v"  # short name of the tiny Wan FLF2V pipeline, wherever --model is read
 TINY_FRAME_SIZE = 32  # the frame side the tiny pipelines are sized for (a multiple of both VAEs' factors)
@@ -42,8 +42,6 @@ def tiny_wan_flf2v_pipeline(seed: int = 0, first_last_frame: bool = True):
         CLIPImageProcessor,
         CLIPVisionConfig,
         CLIPVisionModelWithProjection,
-        UMT5Config,
-        UMT5EncoderModel,
     )
 
     z_dim, text_dim, vision_dim = 4, 16, 16
@@ -58,17 +56,7 @@ def tiny_wan_flf2v_pipeline(seed: int = 0, first_last_frame: bool = True):
             latents_mean=[0.0] * z_dim,
             latents_std=[1.0] * z_dim,
         )
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=49408,  # the CLIP vocabulary's ids
-                d_model=text_dim,
-                d_kv=4,
-                d_ff=32,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-            )
-        )
+        text_encoder = tiny_t5(text_dim, d_kv=4, d_ff=32, buckets=8, umt5=True)
         image_encoder = CLIPVisionModelWithProjection(
             CLIPVisionConfig(
                 hidden_size=vision_dim,
@@ -112,7 +100,6 @@ def tiny_wan_flf2v_pipeline(seed: int = 0, first_last_frame: bool = True):
 def tiny_ltx_condition_pipeline(seed: int = 0):
     """A tiny `LTXConditionPipeline`: LTX-Video's VAE factors (8 frames per latent, 32x spatially) at toy width."""
     from diffusers import AutoencoderKLLTXVideo, LTXConditionPipeline, LTXVideoTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     latent_channels, text_dim = 8, 16
     with seeded(seed):
@@ -130,17 +117,7 @@ def tiny_ltx_condition_pipeline(seed: int = 0):
             upsample_factor=(1,) * 4,
             patch_size=4,
         )
-        text_encoder = T5EncoderModel(
-            T5Config(
-                vocab_size=49408,
-                d_model=text_dim,
-                d_kv=4,
-                d_ff=32,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-            )
-        )
+        text_encoder = tiny_t5(text_dim, d_kv=4, d_ff=32, buckets=8)
         transformer = LTXVideoTransformer3DModel(
             in_channels=latent_channels,
             out_channels=latent_channels,
