@@ -27,16 +27,22 @@ from storydiffusion.world.models import TINY_CLIP_DIR, TINY_DIR
 ALL_LAYERS = ("*",)
 SETTINGS = {
     "default (r=0.5, decoder, public schedule, id_length=2)": (CSAConfig(), 2),
+    "r=0.3": (CSAConfig(rate=0.3), 2),
     "r=1.0": (CSAConfig(rate=1.0), 2),
     "always (no plain start, no gating)": (CSAConfig(schedule=CSASchedule.always()), 2),
+    "decoder 16x16 only": (CSAConfig(layers=("up_blocks.2.*",)), 2),
     "all self-attention layers": (CSAConfig(layers=ALL_LAYERS), 2),
     "r=1.0, all layers, always": (CSAConfig(rate=1.0, layers=ALL_LAYERS, schedule=CSASchedule.always()), 2),
+    "default, id_length=1": (CSAConfig(), 1),
     "default, id_length=3": (CSAConfig(), 3),
 }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--model", default=str(TINY_DIR), help="a StableDiffusionPipeline folder (default: the shipped tiny)"
+    )
     p.add_argument("--count", type=int, default=12, help="built-in stories")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=20)
@@ -45,7 +51,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    pipe = StableDiffusionPipeline.from_pretrained(str(TINY_DIR), **dtype_kwargs(torch.float32))
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, **dtype_kwargs(torch.float32))
     pipe.set_progress_bar_config(disable=True)
     classifier, clip = load_default_classifier(), ClipScorer(TINY_CLIP_DIR)
     base = EvalSettings(steps=args.steps, guidance=args.guidance, seeds=seeds)

@@ -23,6 +23,7 @@ writes the EMA weights as a TransitionPipeline folder (fp16 safetensors).
     python scripts/train_video.py --stage smp --steps 600 --out /tmp/video_run
     python scripts/train_video.py --stage video --steps 3000 --out /tmp/video_run --resume-from-stage smp
     python scripts/train_video.py --stage video --out /tmp/video_run --export src/storydiffusion/assets/tiny_video
+    python scripts/train_video.py --stage video --init DIR --image-unet UNET --out /tmp/video_graft  # onto UNET
 
 Shipped run (src/storydiffusion/assets/tiny_video, 2-core CPU, seed 0, the defaults: a predictor on a 4 x 4
 grid with an 8-channel map): `--stage smp --steps 500 --batch 32 --warmup 50 --cache 4096` (11 min: 4 of
@@ -43,12 +44,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.video.pipeline import TransitionPipeline
 from storydiffusion.video.training import FolderClips, TransitionTrainer, clip_batches, encode_clips
+from storydiffusion.video.unet import graft_image_unet
 from storydiffusion.world.models import TINY_VIDEO_DIR
 from storydiffusion.world.training import warmup_cosine
 from storydiffusion.world.video import fresh_tiny_transition_pipeline, sample_clip
@@ -80,6 +82,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--map-channels", type=int, default=8, help="the semantic map's channels (fresh grid init only)")
     p.add_argument("--data", default="world", help="'world' (rendered on the fly) or a folder of clips")
     p.add_argument("--init", default=None, help="a TransitionPipeline folder to start from (default: fresh tiny)")
+    p.add_argument(
+        "--image-unet",
+        default=None,
+        help="with --init: put this image UNet folder's weights in the image layers (motion layers kept)",
+    )
     p.add_argument("--out", default="/tmp/video_run", help="checkpoints and the stage's last weights")
     p.add_argument("--resume", action="store_true", help="continue this stage from --out/checkpoint-STAGE")
     p.add_argument("--resume-from-stage", default=None, help="start from another stage's last weights in --out")
@@ -109,7 +116,13 @@ def load_pipeline(args: argparse.Namespace) -> TransitionPipeline:
         folder = Path(args.out) / f"weights-{args.resume_from_stage}"
         return TransitionPipeline.from_pretrained(folder, **dtype_kwargs(torch.float32))
     if args.init:
-        return TransitionPipeline.from_pretrained(args.init, **dtype_kwargs(torch.float32))
+        pipe = TransitionPipeline.from_pretrained(args.init, **dtype_kwargs(torch.float32))
+        if args.image_unet:
+            image_unet = UNet2DConditionModel.from_pretrained(args.image_unet, **dtype_kwargs(torch.float32))
+            print(f"grafted {graft_image_unet(pipe.unet, image_unet)} image-layer tensors from {args.image_unet}")
+        return pipe
+    if args.image_unet:
+        raise SystemExit("--image-unet needs --init (a fresh model takes the shipped image model's UNet anyway)")
     return fresh_tiny_transition_pipeline(
         text=not args.no_text, seed=args.seed, dropout=args.dropout, grid=args.grid, map_channels=args.map_channels
     )

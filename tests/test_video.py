@@ -21,7 +21,7 @@ from storydiffusion.video import (
     write_video,
 )
 from storydiffusion.video.training import diffusion_loss, encode_clips, smp_loss
-from storydiffusion.video.unet import KeyframeAttnProcessor, semantic_map
+from storydiffusion.video.unet import KeyframeAttnProcessor, graft_image_unet, semantic_map
 from storydiffusion.world import render as world
 from storydiffusion.world.video import (
     MOTIONS,
@@ -207,6 +207,24 @@ def test_transition_unet_takes_the_keyframe_channels(pipe, pooled_pipe):
         assert unet.config.in_channels == 13 + map_channels and unet.conv_in.in_channels == 13 + map_channels
         image_unet_channels = unet.config.out_channels
         assert unet.conv_in.weight[:, image_unet_channels:].abs().sum() == 0  # new inputs start silent
+
+
+def test_grafting_an_image_unet_replaces_the_image_layers_only():
+    """A trained video model moved onto another image UNet: its image layers become that UNet's weights; motion
+    layers and conv_in's keyframe and map inputs stay."""
+    from storydiffusion.world.training import tiny_unet
+
+    video = fresh_tiny_transition_pipeline(seed=0).unet
+    image = tiny_unet(seed=1)  # the tiny image model's architecture, other weights
+    before = {k: v.clone() for k, v in video.state_dict().items()}
+    assert graft_image_unet(video, image) == len(image.state_dict())
+    after = video.state_dict()
+    for key, weight in image.state_dict().items():
+        expected = weight if key != "conv_in.weight" else torch.cat([weight, before[key][:, 4:]], 1)
+        assert torch.equal(after[key], expected), key
+    motion = [k for k in after if "motion_modules" in k]
+    assert motion and all(torch.equal(after[k], before[k]) for k in motion)
+    assert not torch.equal(after["conv_in.weight"][:, :4], before["conv_in.weight"][:, :4])  # it did change
 
 
 def test_keyframe_attention_lets_each_frame_see_both_ends_and_nothing_else():

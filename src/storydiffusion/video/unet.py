@@ -125,6 +125,26 @@ def widen_conv_in(model: UNetMotionModel, in_channels: int) -> UNetMotionModel:
     return model
 
 
+@torch.no_grad()
+def graft_image_unet(video: UNetMotionModel, image: UNet2DConditionModel) -> int:
+    """Put `image`'s weights in the image layers of a trained transition UNet, keeping its motion layers and
+    the keyframe and map input channels of its `conv_in` (`UNetMotionModel` names its image layers as the
+    image UNet does). For moving a trained video model onto a better image model. Returns the tensors replaced."""
+    state = video.state_dict()
+    replaced = {}
+    for key, weight in image.state_dict().items():
+        if key not in state:
+            raise ValueError(f"the transition UNet has no layer {key!r}: not the image UNet it was grown from")
+        target = state[key]
+        if key == "conv_in.weight":
+            weight = torch.cat([weight.to(target.dtype), target[:, weight.shape[1] :]], dim=1)
+        if target.shape != weight.shape:
+            raise ValueError(f"{key}: {tuple(weight.shape)} in the image UNet, {tuple(target.shape)} in the video UNet")
+        replaced[key] = weight.to(target.dtype)
+    video.load_state_dict(replaced, strict=False)
+    return len(replaced)
+
+
 def is_transition_unet(unet: nn.Module, map_channels: int = 0) -> bool:
     """Whether `unet` takes the keyframe condition and a `map_channels` semantic map (a UNetMotionModel
     with 3C + 1 + map_channels input channels)."""
