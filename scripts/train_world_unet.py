@@ -45,8 +45,12 @@ src/storydiffusion/assets/tiny/unet --steps 9000 --lr 5e-4 --warmup 100`: steps 
 `--part-colour-weight 2.0` (strip 0.45 -> 0.49, but the single-panel alignment fell to 0.21), then `--resume`
 with `--part-colour-weight 0.5 --single-share 0.35` to step 8,200 (stopped there for the export): 130 min of
 wall time on one thread, ~0.65-1.4 s a step (the other core busy). Held-out sibling gain 0.073 -> 0.100.
-5.8 M parameters, 11.5 MB fp16. Not yet at the instrument's gate (README, "The tiny world"); go on with
-`--init src/storydiffusion/assets/tiny/unet`.
+Then (stop 19) from that UNet, with the shards re-rendered beside it on the other core (28 min, picked up
+as they appeared), `--init src/storydiffusion/assets/tiny/unet --steps 4000 --lr 3e-4 --warmup 100
+--part-colour-weight 1.0 --single-share 0.35`: 62 min of wall time on one thread, ~0.65-1.05 s a step;
+held-out sibling gain 0.087 (step 250, the EMA settling) -> 0.108. Exported at step 4,000.
+5.8 M parameters, 11.5 MB fp16. Not at the instrument's gate (README, "The tiny world"), with the 6-hour
+CPU budget spent; the next step is an architecture change on a GPU, see the README.
 """
 
 from __future__ import annotations
