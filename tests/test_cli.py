@@ -215,3 +215,5 @@ def test_demo_runs_offline(monkeypatch, capsys, tmp_path):
     code, stdout, stderr = run_cli(monkeypatch, capsys, "demo", "--out", tmp_path / "demo", "--steps", "2")
     assert code == 0, stderr
     assert len(list((tmp_path / "demo").glob("panel_*.png"))) == 6 and (tmp_path / "demo" / "comic.pdf").is_file()
+    settings = json.loads((tmp_path / "demo" / "manifest.json").read_text())["settings"]
+    assert settings["rate"] == 1.0  # the tiny model's best rate (benchmarks/tiny_csa_sweep.py)
