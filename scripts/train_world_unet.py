@@ -80,6 +80,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from storydiffusion.files import write_atomically
 from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.world import training as wt
+from storydiffusion.world.classifier import SCORED_IDENTITY_ATTRIBUTES, load_default_classifier, visible_truth
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "storydiffusion" / "assets" / "tiny"
 
@@ -115,7 +116,24 @@ def parse_args() -> argparse.Namespace:
         default=0.5,
         help="share of group steps in which one panel per group is nearly clean (timestep < 100)",
     )
+    p.add_argument(
+        "--copy-share",
+        type=float,
+        default=1.0,
+        help="share of group steps that are copy groups: the first panel a nearly clean source "
+        "(timestep < --source-max-t) the others read, at their own random noise (wt.copy_attention); "
+        "the rest are consensus groups (all panels read each other at one timestep)",
+    )
+    p.add_argument("--source-max-t", type=int, default=50, help="a copy group's source panel has t below this")
+    p.add_argument(
+        "--encoder-attention",
+        action="store_true",
+        help="attention in the 16x16 encoder block too (wt.ENCODER_ATTENTION_BLOCKS); grown from --init",
+    )
     p.add_argument("--signal-every", type=int, default=250, help="steps between held-out sibling-gain checks")
+    p.add_argument(
+        "--picture-count", type=int, default=16, help="held-out identities of the picture_clean signal (2 frames each)"
+    )
     p.add_argument("--clip", default=str(ASSETS / "clip"), help="the tiny CLIP folder (its text encoder is used)")
     p.add_argument("--vae", default=str(ASSETS / "vae"))
     p.add_argument("--log-every", type=int, default=25)
@@ -203,6 +221,13 @@ def figure_weights(parts16: torch.Tensor, figure_weight: float) -> torch.Tensor:
     """(B, 1, 16, 16) loss weights: 1 + figure_weight on latent pixels within one pixel of a labelled part."""
     on_figure = (parts16.view(-1, 1, 16, 16) >= 0).float()
     return 1.0 + figure_weight * F.max_pool2d(on_figure, 3, stride=1, padding=1)
+
+
+def copy_timesteps(num_groups: int, per_group: int, source_max_t: int, generator: torch.Generator) -> torch.Tensor:
+    """A copy group's timesteps: its first panel (the source) nearly clean, every other panel its own noise."""
+    timesteps = torch.randint(0, 1000, (num_groups * per_group,), generator=generator)
+    timesteps[::per_group] = torch.randint(0, source_max_t, (num_groups,), generator=generator)
+    return timesteps
 
 
 def group_timesteps(num_groups: int, per_group: int, clean_sibling: bool, generator: torch.Generator) -> torch.Tensor:
@@ -294,21 +319,89 @@ class SiblingSignal:
         return {k: round(v, 4) for k, v in losses.items()}
 
 
+class PictureSignal:
+    """The `picture_clean` measure while training: held-out identities, each given by a clean render (the
+    picture) in a pose and scene of its own, and two new panels of it drawn from noise (20 DPM-Solver++ steps,
+    guidance 4, identity-free captions) whose self-attention reads the picture's tokens at timestep 0 in every
+    layer (`wt.copy_attention`). `picture_agreement`: the share of the scored identity attributes the prompt
+    does not name that the classifier reads off the new panels as the picture's truth; `no_picture` the same
+    drawn without it (chance ~0.2); `alignment`: panels showing the prompted pose and scene."""
+
+    STEPS, GUIDANCE = 20, 4.0
+
+    def __init__(self, vae, tokenizer, text_encoder, seed: int, count: int) -> None:
+        rng = np.random.default_rng([seed, 2_000_003])
+        groups = [wt.sample_group(rng, size=3, omit_probability=wt.IDENTITY_FREE) for _ in range(count)]
+        self.pictures = [group[0] for group in groups]
+        self.frames = [panel for group in groups for panel in group[1:]]
+        self.vae = vae
+        self.source = wt.encode_latents(vae, self.pictures).float().repeat_interleave(2, 0)  # (F, 4, 16, 16)
+        self.text = encode_text(tokenizer, text_encoder, [p.caption for p in self.frames])
+        self.source_text = encode_text(tokenizer, text_encoder, [p.caption for p in self.pictures]).repeat_interleave(
+            2, 0
+        )
+        self.empty = encode_text(tokenizer, text_encoder, [""])
+        self.noise = torch.randn(self.source.shape, generator=torch.Generator().manual_seed(seed + 7))
+        self.classifier = load_default_classifier()
+        self.attributes = [a for a in SCORED_IDENTITY_ATTRIBUTES if a != "kind"]  # the captions name the kind
+        self.truths = [visible_truth(picture) for picture in self.pictures for _ in range(2)]
+        self.prompts = [(panel.figures[0].pose, panel.scene.kind) for panel in self.frames]
+
+    @torch.no_grad()
+    def sample(self, unet, joint, device, with_picture: bool) -> torch.Tensor:
+        scheduler = DPMSolverMultistepScheduler(**wt.TINY_NOISE_SCHEDULE, timestep_spacing="trailing", steps_offset=1)
+        scheduler.set_timesteps(self.STEPS)
+        frames = len(self.frames)
+        latents = self.noise.to(device)
+        empty = self.empty.to(device).expand(frames, -1, -1)
+        text, source_text, source = self.text.to(device), self.source_text.to(device), self.source.to(device)
+        for processor in joint:
+            processor.panels, processor.rate, processor.copy = (2 if with_picture else 1), 1.0, True
+            processor.part_labels = None
+        for t in scheduler.timesteps:
+            if with_picture:  # groups [picture, frame], uncond groups first
+                inputs = torch.stack([source, latents], 1).flatten(0, 1).repeat(2, 1, 1, 1)
+                states = torch.cat([torch.stack([empty, empty], 1), torch.stack([source_text, text], 1)])
+                states = states.flatten(0, 1)
+                steps = torch.tensor([0, int(t)], device=device).repeat(2 * frames)
+                v = unet(inputs, steps, states).sample.view(2, frames, 2, *latents.shape[1:])[:, :, 1]
+            else:
+                steps = torch.full((2 * frames,), int(t), device=device)
+                v = unet(latents.repeat(2, 1, 1, 1), steps, torch.cat([empty, text])).sample.view(2, frames, -1, 16, 16)
+            guided = v[0] + self.GUIDANCE * (v[1] - v[0])
+            latents = scheduler.step(guided, t, latents).prev_sample
+        for processor in joint:
+            processor.copy = False
+        images = self.vae.decode(latents.cpu() / self.vae.config.scaling_factor).sample
+        return ((images.clamp(-1, 1) + 1) / 2).float()
+
+    def measure(self, unet, joint, device, with_picture: bool = True) -> dict[str, float]:
+        predictions = self.classifier.predict(self.sample(unet, joint, device, with_picture))
+        hits = [p.get(a) == truth.get(a) for p, truth in zip(predictions, self.truths) for a in self.attributes]
+        aligned = [(p["pose"], p["scene"]) == prompt for p, prompt in zip(predictions, self.prompts)]
+        return {"agreement": round(float(np.mean(hits)), 4), "alignment": round(float(np.mean(aligned)), 4)}
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    unet = wt.tiny_unet(args.seed)
-    if args.init is not None:
-        unet.load_state_dict(
-            UNet2DConditionModel.from_pretrained(args.init, **dtype_kwargs(torch.float32)).state_dict()
+    checkpoint = Path(args.checkpoint)
+    if (args.resume or args.export) and checkpoint.exists():  # the checkpoint says which architecture it is
+        args.encoder_attention = torch.load(checkpoint, map_location="cpu", weights_only=False).get(
+            "encoder_attention", False
         )
+    unet = wt.tiny_unet(args.seed, encoder_attention=args.encoder_attention)
+    if args.init is not None:
+        grown = wt.load_grown(
+            unet, UNet2DConditionModel.from_pretrained(args.init, **dtype_kwargs(torch.float32)).state_dict()
+        )
+        print(f"init from {args.init}; {len(grown)} new parameter tensors start as identities", flush=True)
     unet.to(args.device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    checkpoint = Path(args.checkpoint)
     step, elapsed = 0, 0.0
     if (args.resume or args.export) and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -335,7 +428,14 @@ def main() -> None:
         processor.generator = torch.Generator().manual_seed(args.seed)
     pool = ShardPool(args.data, rng)
     pool.wait_for_data()
-    signal = SiblingSignal(AutoencoderKL.from_pretrained(args.vae), tokenizer, text_encoder, args.seed)
+    vae = AutoencoderKL.from_pretrained(args.vae)
+    signal = SiblingSignal(vae, tokenizer, text_encoder, args.seed)
+    pictures = PictureSignal(vae, tokenizer, text_encoder, args.seed, args.picture_count)
+    if step == 0:
+        ema.train(False)
+        start = {"no_picture": pictures.measure(ema, ema_joint, args.device, with_picture=False)}
+        start["picture_clean"] = pictures.measure(ema, ema_joint, args.device)
+        print(json.dumps({"step": 0, "pictures": start}), flush=True)
 
     t0 = time.time() - elapsed
     unet.train()
@@ -350,15 +450,18 @@ def main() -> None:
         captions = ["" if rng.random() < args.caption_dropout else c for c in batch.captions]
         text = encode_text(tokenizer, text_encoder, captions)
         num_groups = len(captions) // per_group
-        clean_sibling = rng.random() < args.clean_sibling
-        timesteps = group_timesteps(num_groups, per_group, clean_sibling, generator)
+        copy_group = per_group > 1 and rng.random() < args.copy_share
+        if copy_group:
+            timesteps = copy_timesteps(num_groups, per_group, args.source_max_t, generator)
+        else:
+            timesteps = group_timesteps(num_groups, per_group, rng.random() < args.clean_sibling, generator)
         noise = torch.randn(batch.latents.shape, generator=generator)  # drawn on the CPU: the same run on any device
         latents, timesteps, noise = (t.to(args.device) for t in (batch.latents, timesteps, noise))
         parts = {n: labels.to(args.device) for n, labels in batch.parts.items()}
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         rate = rng.choice((0.5, 0.75, 1.0))
         for processor in joint:
-            processor.panels, processor.rate = per_group, rate
+            processor.panels, processor.rate, processor.copy = per_group, rate, copy_group
             processor.part_labels, processor.part_losses = (parts if args.part_weight > 0 else None), []
         prediction = unet(noisy, timesteps, text).sample
         target = noise_scheduler.get_velocity(latents, noise, timesteps)  # v-prediction target
@@ -385,7 +488,7 @@ def main() -> None:
         with torch.no_grad():
             for e, p in zip(ema.parameters(), unet.parameters()):
                 e.lerp_(p, 1 - decay)
-        running.setdefault(per_group, []).append(per_panel.mean().item())
+        running.setdefault(f"{per_group}{'c' if copy_group else ''}", []).append(per_panel.mean().item())
         if step % args.log_every == 0:
             log = {"step": step, "lr": round(learning_rate(step - 1, args), 6), "s": round(time.time() - t0, 1)}
             log["mse"] = {p: round(sum(v) / len(v), 4) for p, v in sorted(running.items(), key=str)}
@@ -394,6 +497,7 @@ def main() -> None:
             if step % args.signal_every == 0:
                 ema.train(False)
                 log["siblings"] = signal.measure(ema, ema_joint, noise_scheduler, args.device)
+                log["picture_clean"] = pictures.measure(ema, ema_joint, args.device)
             print(json.dumps(log), flush=True)
         if step % args.ckpt_every == 0 or step == args.steps:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -405,6 +509,7 @@ def main() -> None:
                 "torch_rng": generator.get_state(),
                 "step": step,
                 "elapsed": time.time() - t0,
+                "encoder_attention": args.encoder_attention,
             }
             write_atomically(checkpoint, partial(torch.save, state))  # never half-written
     print(json.dumps({"steps": step, "wall_s": round(time.time() - t0), "threads": args.threads}))

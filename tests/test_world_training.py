@@ -133,3 +133,45 @@ def test_part_mean_loss_sees_a_part_colour_and_not_its_detail():
     background = clean.clone()
     background[:, :, 3, :] += 5.0  # unlabelled tokens do not count
     assert wt.part_mean_loss(background, clean, labels) < 1e-10
+
+
+def _plain_attention(attn: Attention, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Softmax attention written out: queries (N, C) over keys/values projected from `keys` (M, C)."""
+    q, k, v = attn.to_q(queries), attn.to_k(keys), attn.to_v(keys)
+    heads = attn.heads
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(0, 1) for t in (q, k, v))  # (h, T, d)
+    out = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1) @ v
+    return attn.to_out[0](out.transpose(0, 1).flatten(1))
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_copy_attention_sources_attend_alone_and_readers_read_only_the_source(with_labels):
+    """Each group's first panel is plain self-attention; every other panel sees its own tokens plus the
+    source's lent tokens -- never a sibling's -- with or without the explicit (part-loss) path."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4).eval()
+    groups, panels, tokens = 2, 3, 6
+    hidden = torch.randn(groups * panels, tokens, 8)
+    indices = torch.tensor([0, 2, 5])
+    labels = torch.randint(-1, 3, (groups * panels, tokens)) if with_labels else None
+    with torch.no_grad():
+        out, loss = wt.copy_attention(attn, hidden, panels, indices, labels)
+        for g in range(groups):
+            source = hidden[g * panels]
+            torch.testing.assert_close(out[g * panels], _plain_attention(attn, source, source))
+            for p in range(1, panels):
+                own = hidden[g * panels + p]
+                expected = _plain_attention(attn, own, torch.cat([own, source[indices]]))
+                torch.testing.assert_close(out[g * panels + p], expected)
+    assert (loss is not None) == with_labels
+
+
+def test_grown_unet_starts_as_the_unet_it_grew_from():
+    """Encoder attention added to a trained UNet starts as an identity: the same predictions."""
+    small = wt.tiny_unet(0).eval()
+    grown = wt.tiny_unet(1, encoder_attention=True).eval()
+    new = wt.load_grown(grown, small.state_dict())
+    assert new and all(name.startswith("down_blocks.0.attentions.") for name in new)
+    sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 5, wt.TINY_UNET_CONFIG["cross_attention_dim"])
+    with torch.no_grad():
+        torch.testing.assert_close(grown(sample, 500, text).sample, small(sample, 500, text).sample)

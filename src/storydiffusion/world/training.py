@@ -19,7 +19,7 @@ of the region name the right attribute (nearest colour in that attribute's vocab
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 import numpy as np
@@ -477,10 +477,33 @@ TINY_NOISE_SCHEDULE = MappingProxyType(
 )
 
 
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
-    """A freshly initialised tiny UNet (`TINY_UNET_CONFIG`), weights drawn from `seed`."""
+# The copying design's option: self- and cross-attention in the encoder's 16x16 block too, so a colour copied
+# from a source panel at full resolution does not have to survive the decoder alone.
+ENCODER_ATTENTION_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+
+
+def tiny_unet(seed: int = 0, encoder_attention: bool = False) -> UNet2DConditionModel:
+    """A freshly initialised tiny UNet (`TINY_UNET_CONFIG`, with `encoder_attention` the 16x16 encoder block
+    attends too), weights drawn from `seed`."""
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**TINY_UNET_CONFIG)
+    config = dict(TINY_UNET_CONFIG)
+    if encoder_attention:
+        config["down_block_types"] = ENCODER_ATTENTION_BLOCKS
+    return UNet2DConditionModel(**config)
+
+
+def load_grown(unet: UNet2DConditionModel, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Load `state` (from a smaller UNet of the same family) into `unet`; the modules it lacks start as
+    identities (the new attention blocks' output projections zeroed, so the residual passes through).
+    Returns the names of the new parameters."""
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"the saved weights hold parameters this UNet lacks: {unexpected[:5]} ...")
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if name in missing and ".proj_out." in name:
+                parameter.zero_()
+    return list(missing)
 
 
 class JointPanelAttnProcessor:
@@ -499,6 +522,7 @@ class JointPanelAttnProcessor:
         self.original = original
         self.panels = 1
         self.rate = 1.0
+        self.copy = False
         self.generator: torch.Generator | None = None
         self.part_labels: dict[int, torch.Tensor] | None = None
         self.part_losses: list[torch.Tensor] = []
@@ -508,9 +532,15 @@ class JointPanelAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         num_tokens = hidden_states.shape[1]
         num_samples = max(1, num_sampled_tokens(num_tokens, self.rate))
+        labels = self.part_labels.get(num_tokens) if self.part_labels else None
+        if self.copy:
+            indices = sample_token_indices(1, num_tokens, num_samples, self.generator).to(hidden_states.device)
+            out, loss = copy_attention(attn, hidden_states, self.panels, indices[0], labels)
+            if loss is not None:
+                self.part_losses.append(loss)
+            return out
         indices = sample_token_indices(self.panels, num_tokens, num_samples, self.generator)  # (P, k)
         indices = indices.to(hidden_states.device)
-        labels = self.part_labels.get(num_tokens) if self.part_labels else None
         if labels is None:
             return consistent_attention(attn, hidden_states, indices, None)
         out, loss = attention_with_part_loss(attn, hidden_states, indices, labels)
@@ -541,6 +571,48 @@ def attention_with_part_loss(
     borrowed = probs[..., tokens.shape[1] :].mean(1)  # (G*P, N, E) head mean over the other panels' tokens
     loss = part_matching_loss(borrowed, labels, merge_guidance(label_ext))
     return out, loss
+
+
+def copy_attention(
+    attn, tokens: torch.Tensor, panels: int, indices: torch.Tensor, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Self-attention in which each group's first panel is a *source* the others copy from: tokens
+    (G * P, N, C), group-major; indices (k,) the source tokens lent. The source attends to itself only (plain
+    self-attention, as a picture's tokens are recorded alone); every other panel attends to its own tokens plus
+    the source's tokens at `indices` (never to its siblings: at use each frame reads a bank, not the others).
+
+    With `labels` (G * P, N) part labels the probabilities are explicit and the part-matching loss of the
+    readers' attention over the source tokens is returned too (`part_matching_loss`); else (out, None).
+    """
+    batch, num_tokens, _ = tokens.shape
+    groups = batch // panels
+    query, key, value = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
+
+    def with_source(t: torch.Tensor) -> torch.Tensor:  # (G*P, N, C) -> (G*P, N + k, C)
+        grouped = t.view(groups, panels, num_tokens, -1)
+        lent = grouped[:, :1, indices].expand(-1, panels, -1, -1)  # (G, P, k, C)
+        return torch.cat([grouped, lent], dim=2).flatten(0, 1)
+
+    key, value = with_source(key), with_source(value)
+    reader = torch.ones(groups, panels, dtype=torch.bool, device=tokens.device)
+    reader[:, 0] = False
+    visible = torch.ones(batch, 1, 1, num_tokens + len(indices), dtype=torch.bool, device=tokens.device)
+    visible[:, 0, 0, num_tokens:] = reader.flatten()[:, None]  # a source never sees its own lent copy
+    heads = attn.heads
+    q, k, v = heads_first(query, heads), heads_first(key, heads), heads_first(value, heads)
+    if labels is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=attn.scale)
+        loss = None
+    else:
+        logits = (q @ k.transpose(-1, -2) * attn.scale).masked_fill(~visible, float("-inf"))
+        probs = logits.softmax(-1)  # (G*P, h, N, N + k)
+        out = probs @ v
+        readers = reader.flatten()
+        source_labels = labels.view(groups, panels, num_tokens)[:, :1, indices].expand(-1, panels, -1).flatten(0, 1)
+        borrowed = probs[readers][..., num_tokens:].mean(1)  # (readers, N, k) head mean over the source's tokens
+        loss = part_matching_loss(borrowed, labels[readers], source_labels[readers])
+    out = out.transpose(1, 2).flatten(2)
+    return attn.to_out[1](attn.to_out[0](out)), loss
 
 
 def part_matching_loss(
