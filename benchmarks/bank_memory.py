@@ -145,7 +145,7 @@ def _give_back_free_memory() -> None:
 def sdxl_settings() -> BankSettings:
     return BankSettings(
         model="",
-        unet_fingerprint="benchmark",
+        denoiser_fingerprint="benchmark",
         scheduler="EulerDiscreteScheduler",
         num_steps=NUM_STEPS,
         height=HEIGHT,
@@ -371,7 +371,7 @@ def sdxl_character_file_bytes() -> int:
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
     from storydiffusion.pipelines.characters import CharacterRecipe, ReferenceFrame, csa_config_to_json
-    from storydiffusion.pipelines.story_pipeline import public_config, unet_fingerprint, weights_probe
+    from storydiffusion.pipelines.story_pipeline import denoiser_fingerprint, public_config, weights_probe
     from storydiffusion.pipelines.tiny_random import tiny_sdxl_pipeline
     from storydiffusion.story.styles import apply_style
 
@@ -384,7 +384,7 @@ def sdxl_character_file_bytes() -> int:
     settings = dataclasses.replace(
         sdxl_settings(),
         model="stabilityai/stable-diffusion-xl-base-1.0",
-        unet_fingerprint=unet_fingerprint(unet),
+        denoiser_fingerprint=denoiser_fingerprint(unet),
         scheduler_config=public_config(scheduler.config),
         layers=tuple(sorted(sdxl_decoder_csa_layers(HEIGHT))),
         weights_probe=tuple(float(f"{v:.7g}") for v in torch.rand(probe_length(unet), generator=generator).tolist()),

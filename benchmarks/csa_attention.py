@@ -489,7 +489,7 @@ def bank_figures(height: int, device: torch.device, quick: bool = False) -> Bank
 
     settings = BankSettings(
         model="",
-        unet_fingerprint="benchmark",
+        denoiser_fingerprint="benchmark",
         scheduler="EulerDiscreteScheduler",
         num_steps=NUM_STEPS,
         height=height,
@@ -759,7 +759,7 @@ def flux_bank_figures(shape: FluxShape, device: torch.device, quick: bool = Fals
     official_entry = (FLUX_GUIDANCE_HALVES * shape.channels * fp16_bytes + int32_bytes) * stored_tokens
     settings = BankSettings(
         model="",
-        unet_fingerprint="benchmark",
+        denoiser_fingerprint="benchmark",
         scheduler="FlowMatchEulerDiscreteScheduler",
         num_steps=FLUX_NUM_STEPS,
         height=shape.height,

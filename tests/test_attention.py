@@ -57,6 +57,7 @@ class FakeController:
         self.mode, self.images_per_call, self.indices, self.bank_tokens = mode, images_per_call, indices, bank_tokens
         self.written = []
         self.writes = True
+        self.config = CSAConfig()
 
     def guidance_halves(self, batch):
         return batch // self.images_per_call
@@ -145,6 +146,28 @@ def test_read_mode_matches_explicit_concatenation():
             k, v = (p(context).view(26, HEADS, HEAD_DIM).transpose(0, 1) for p in (attn.to_k, attn.to_v))
             expected = ((q @ k.transpose(-1, -2) / HEAD_DIM**0.5).softmax(-1) @ v).transpose(0, 1).reshape(16, -1)
             torch.testing.assert_close(ours[image], attn.to_out[0](expected), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_reference_strength_equals_repeating_each_borrowed_token(masked):
+    """Strength w on a bank read is the same attention as the bank's tokens appearing w times (with a read mask
+    too: a hidden bank token stays hidden however it is weighted)."""
+    attn = make_attention()
+    tokens = torch.randn(2 * 2, 16, CHANNELS)
+    bank_tokens = torch.randn(2, 10, CHANNELS)
+    read_mask = torch.rand(2, 16, 10) < 0.6 if masked else None
+    repeated_mask = read_mask.repeat(1, 1, 3) if masked else None
+    with torch.no_grad():
+        weighted = consistent_attention(attn, tokens, None, bank_tokens, read_mask, strength=3.0)
+        repeated = consistent_attention(attn, tokens, None, bank_tokens.repeat(1, 3, 1), repeated_mask)
+        plain = consistent_attention(attn, tokens, None, bank_tokens, read_mask)
+    torch.testing.assert_close(weighted, repeated, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(weighted, plain, atol=1e-4)
+
+
+def test_reference_strength_must_be_positive():
+    with pytest.raises(StoryDiffusionError, match="reference_strength"):
+        CSAConfig(reference_strength=0.0)
 
 
 def test_guidance_halves_never_mix():

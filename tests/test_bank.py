@@ -9,7 +9,7 @@ from storydiffusion import BankMismatchError, BankSettings, IdentityBank, StoryD
 from storydiffusion.csa.bank import dequantize_int8, quantize_int8
 
 SETTINGS = BankSettings(
-    model="tiny", unet_fingerprint="abc", scheduler="EulerDiscreteScheduler", num_steps=4,
+    model="tiny", denoiser_fingerprint="abc", scheduler="EulerDiscreteScheduler", num_steps=4,
     height=64, width=64, guidance_halves=2, id_length=2,
 )  # fmt: skip
 
@@ -53,7 +53,7 @@ def test_save_load_roundtrip(tmp_path):
 
 @pytest.mark.parametrize(
     "change",
-    [{"height": 128}, {"num_steps": 50}, {"unet_fingerprint": "zzz"}, {"model": "sdxl"}, {"scheduler": "DDIM"}],
+    [{"height": 128}, {"num_steps": 50}, {"denoiser_fingerprint": "zzz"}, {"model": "sdxl"}, {"scheduler": "DDIM"}],
 )
 def test_mismatched_bank_is_refused(tmp_path, change):
     path = IdentityBank("Bob", SETTINGS).save(tmp_path / "bob.safetensors")

@@ -22,7 +22,7 @@ from storydiffusion.pipelines.story_pipeline import StoryPipeline
 from storydiffusion.pipelines.tiny_random import tiny_sd_pipeline
 
 SETTINGS = BankSettings(
-    model="tiny", unet_fingerprint="abc", scheduler="EulerDiscreteScheduler", num_steps=6,
+    model="tiny", denoiser_fingerprint="abc", scheduler="EulerDiscreteScheduler", num_steps=6,
     height=64, width=64, guidance_halves=2, id_length=2,
 )  # fmt: skip
 # two layer names whose numbers sort differently as text and as numbers (10 > 0)
@@ -207,8 +207,8 @@ def test_character_file_refuses_another_model_naming_the_field(original, tmp_pat
     ddim.scheduler = DDIMScheduler.from_config(ddim.scheduler.config)
     with pytest.raises(BankMismatchError, match="scheduler: recipe='EulerDiscreteScheduler' run='DDIMScheduler'"):
         recipe.regenerate(StoryPipeline(ddim))
-    changed = dataclasses.replace(recipe, settings=dataclasses.replace(recipe.settings, unet_fingerprint="0" * 16))
-    with pytest.raises(BankMismatchError, match="unet_fingerprint"):
+    changed = dataclasses.replace(recipe, settings=dataclasses.replace(recipe.settings, denoiser_fingerprint="0" * 16))
+    with pytest.raises(BankMismatchError, match="denoiser_fingerprint"):
         changed.regenerate(StoryPipeline(pipe))
     path = recipe.save(tmp_path / "Bob.character.json")
     data = json.loads(path.read_text())

@@ -7,9 +7,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from helpers import run_cli
 from PIL import Image
 
@@ -19,13 +21,18 @@ from storydiffusion.app.batch import (
     EXIT_AFTER_ENV,
     RUNS_FILE,
     _exit_after,
+    _record_run,
     assign_stories,
     collect_stories,
     read_runs,
     story_csa_config,
 )
+from storydiffusion.app.runner import TINY_RANDOM, RunOptions, run_settings
 from storydiffusion.csa.attention import CSAConfig
 from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.files import PARTIAL_SUFFIX
+from storydiffusion.pipelines.story_pipeline import StoryPipeline
+from storydiffusion.pipelines.tiny_random import tiny_sd_pipeline
 from storydiffusion.story.format import StorySettings
 
 STORIES = {  # tiny-world prompts; id_length 2, so each story's first two frames are its references
@@ -111,6 +118,25 @@ def test_each_story_brings_its_own_csa_settings_onto_the_batch_ones():
     assert config.rate == 0.25 and config.subject_only  # the story's rate, the batch's (bench arm's) masks
 
 
+def test_a_run_records_the_device_it_computes_on_and_that_devices_peak_memory(monkeypatch, tmp_path):
+    """Under `--cpu-offload` the weights wait on the CPU (`pipe.device`) while every step runs on the GPU
+    (`pipe._execution_device`). Stand-in without a GPU: a pipeline whose execution device is cuda:1."""
+    pipe = tiny_sd_pipeline(seed=0)
+    gpu = torch.device("cuda", 1)
+    monkeypatch.setattr(type(pipe), "_execution_device", property(lambda self: gpu))
+    peaks = {gpu: 123_456_789, torch.device("cuda", 0): 1}  # what torch.cuda would report per device
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks[torch.device(device)])
+    story_pipe = StoryPipeline(pipe)
+    assert story_pipe.device.type == "cpu"  # where the weights sit: not where the run computed
+
+    state = SimpleNamespace(process_index=0, num_processes=1)
+    _record_run(tmp_path, [0, 1], [], 2.5, story_pipe, state, RunOptions(model=TINY_RANDOM))
+    run = read_runs(tmp_path)[0]
+    assert run["device"] == "cuda:1" and run["peak_mem_bytes"] == 123_456_789
+    story = collect_stories([write_stories(tmp_path / "stories", ("anna",))])[0].story
+    assert run_settings(story, TINY_RANDOM, RunOptions(model=TINY_RANDOM), (), story_pipe)["device"] == "cuda"
+
+
 def test_the_exit_hook_is_read_for_its_process_only(monkeypatch):
     monkeypatch.setenv(EXIT_AFTER_ENV, "1:3")
     assert _exit_after(1) == 3 and _exit_after(0) is None
@@ -180,7 +206,7 @@ def test_two_processes_split_the_stories_and_resume_after_one_dies(tmp_path):
     assert crashed.returncode != 0 and f"exitcode  : {EXIT_AFTER_CODE}" in crashed.stderr, crashed.stderr[-3000:]
     panels = panel_files(out)
     assert len(panels["bob"]) == 3
-    assert not list(out.glob("*/panel_*.png.partial"))  # writes are atomic: no half-made panel under its name
+    assert not list(out.rglob(f"*{PARTIAL_SUFFIX}"))  # writes are atomic: no temporary file left (`.NAME.partial`)
     before = mtimes(out)
     pixels = {path: np.asarray(Image.open(path)) for path in before}
     complete_refs = {  # stories whose references were all on disk: none of their panels may be drawn again

@@ -4,10 +4,22 @@ run on the tiny model with the tiny CLIP (`--limit 3`)."""
 import json
 import sys
 
+import numpy as np
 import pytest
+import torch
 from helpers import run_cli
+from PIL import Image
 
-from storydiffusion.app.bench import ARMS, PUBLISHED, BenchSettings, arm_setup, load_dreamsim, markdown_table
+from storydiffusion.app.batch import collect_stories
+from storydiffusion.app.bench import (
+    ARMS,
+    PUBLISHED,
+    BenchSettings,
+    arm_setup,
+    load_dreamsim,
+    markdown_table,
+    score_arm,
+)
 from storydiffusion.errors import StoryDiffusionError
 
 
@@ -30,11 +42,80 @@ def test_dreamsim_is_reported_missing_never_replaced(monkeypatch):
 
 
 def test_markdown_table_lists_arms_the_published_rows_and_notes():
-    scores = {"clip_t": 0.25, "clip_i": 0.5, "dreamsim": None, "s_per_image": 1.5, "peak_mem_bytes": 2**31}
+    scores = {
+        "clip_t_clipscore": 0.75, "clip_t_cosine": 0.3, "clip_i_cosine": 0.5, "dreamsim_distance": None,
+        "s_per_image": 1.5, "peak_mem_bytes": 2**31,
+    }  # fmt: skip
     table = markdown_table({"csa": {**scores, "dreamsim_note": "DreamSim not measured: why"}}, "header")
     assert table.startswith("header\n")
-    assert "| csa | 0.250 | 0.500 | n/a | 1.50 | 2.00 GiB | n/a |" in table
+    header = table.splitlines()[2]
+    assert "CLIP-T, CLIPScore 2.5·max(cos, 0)" in header and "CLIP-T, cosine" in header  # each column's scale
+    assert "CLIP-I, cosine" in header and "DreamSim distance" in header
+    assert "| csa | 0.750 | 0.300 | 0.500 | n/a | 1.50 | 2.00 GiB | n/a |" in table
+    assert "| *published: 1Prompt1Story* | 0.894 | — | 0.912 | 0.199 |" in table  # on the CLIPScore column
     assert all(name in table for name in PUBLISHED) and "- DreamSim not measured: why" in table
+
+
+class StandInClip:
+    """Embeddings chosen by hand: an image's by its colour, a prompt's by its text (unit norm, as CLIP's)."""
+
+    def __init__(self, images: dict, texts: dict) -> None:
+        self.images = {colour: torch.nn.functional.normalize(torch.tensor(v), dim=0) for colour, v in images.items()}
+        self.texts = {text: torch.nn.functional.normalize(torch.tensor(v), dim=0) for text, v in texts.items()}
+
+    def image_embeddings(self, images):
+        return torch.stack([self.images[image.getpixel((0, 0))] for image in images])
+
+    def text_embeddings(self, texts):
+        return torch.stack([self.texts[text] for text in texts])
+
+
+def test_clip_t_is_reported_on_the_published_clipscore_scale_beside_the_raw_cosine(tmp_path):
+    """The published ConsiStory+ CLIP-T (~0.89) is CLIPScore, 2.5 * max(cos, 0) per image (Hessel et al. 2021),
+    where a raw image-text cosine reads 0.2-0.4. Computed here independently, per frame, from the stand-in's
+    vectors: a frame whose cosine is negative scores 0, so the clipping is per image, not on the mean."""
+    stories = collect_stories([write_prompt_set(tmp_path / "set.yaml")], {"id_length": 1})
+    colours = {(200, 0, 0): [1.0, 0.2, 0.0], (0, 200, 0): [0.8, 0.6, 0.0], (0, 0, 200): [-0.5, 1.0, 0.3]}
+    images = {"dog": list(colours)[:2], "cat": [list(colours)[2], list(colours)[0]]}
+    texts = {}
+    for item, vector in zip(stories, ([0.6, 0.8, 0.0], [0.3, -0.5, 1.0])):
+        for panel in item.story.panels:
+            texts[panel.prompt] = vector
+    for item in stories:
+        folder = tmp_path / "arm" / item.name
+        folder.mkdir(parents=True)
+        panels = {}
+        for index, colour in enumerate(images[item.name.split("_")[-1]]):
+            Image.new("RGB", (8, 8), colour).save(folder / f"panel_{index:03d}.png")
+            panels[str(index)] = {"file": f"panel_{index:03d}.png"}
+        (folder / "manifest.json").write_text(json.dumps({"panels": panels}))
+
+    scores = score_arm(tmp_path / "arm", stories, StandInClip(colours, texts), None, "no DreamSim here")
+
+    unit = {key: np.asarray(value) / np.linalg.norm(value) for key, value in {**colours, **texts}.items()}
+    cosines = [
+        float(unit[colour] @ unit[panel.prompt])
+        for item in stories
+        for colour, panel in zip(images[item.name.split("_")[-1]], item.story.panels)
+    ]
+    assert min(cosines) < 0 < max(cosines)  # the case where clipping per frame and on the mean differ
+    assert scores["clip_t_clipscore"] == pytest.approx(np.mean([2.5 * max(c, 0.0) for c in cosines]), abs=1e-6)
+    assert scores["clip_t_cosine"] == pytest.approx(np.mean(cosines), abs=1e-6)
+    per_subject = [float(unit[a] @ unit[b]) for a, b in (images["dog"], images["cat"])]  # two frames each
+    assert scores["clip_i_cosine"] == pytest.approx(np.mean(per_subject), abs=1e-6)
+    assert scores["dreamsim_distance"] is None and scores["dreamsim_note"] == "no DreamSim here"
+    assert not {"clip_t", "clip_i", "dreamsim"} & set(scores)  # no figure without its scale in its name
+    table = markdown_table({"csa": scores})
+    assert f"| csa | {scores['clip_t_clipscore']:.3f} | {scores['clip_t_cosine']:.3f} |" in table
+
+
+def write_prompt_set(path):
+    path.write_text(
+        "animals:\n"
+        "- {concept_token: dog, subject: a dog, style: A photo of, settings: [running, sleeping]}\n"
+        "- {concept_token: cat, subject: a cat, style: A photo of, settings: [eating, jumping]}\n"
+    )
+    return path
 
 
 def test_bench_consistory_plus_smoke_run_on_the_tiny_model(monkeypatch, capsys, tmp_path):
@@ -50,8 +131,9 @@ def test_bench_consistory_plus_smoke_run_on_the_tiny_model(monkeypatch, capsys, 
     assert list(result) == list(ARMS)
     for arm, scores in result.items():
         assert scores["subjects"] == 3 and scores["frames"] == 15 and scores["images_timed"] == 15
-        assert -1.0 <= scores["clip_t"] <= 1.0 and -1.0 <= scores["clip_i"] <= 1.0
-        assert scores["dreamsim"] is None and "not installed" in scores["dreamsim_note"]
+        assert -1.0 <= scores["clip_t_cosine"] <= 1.0 and -1.0 <= scores["clip_i_cosine"] <= 1.0
+        assert 0.0 <= scores["clip_t_clipscore"] <= 2.5
+        assert scores["dreamsim_distance"] is None and "not installed" in scores["dreamsim_note"]
         assert scores["s_per_image"] > 0
         assert scores["peak_mem_bytes"] is None and "CUDA" in scores["peak_mem_note"]  # a CPU run
         assert scores["peak_rss_bytes"] > 0

@@ -38,6 +38,9 @@ class Controller:
         samples = round(tokens * rate)
         return self.sample_indices(images, tokens, samples) if samples else None
 
+    def recording_maps(self):
+        return None  # no subject masks being inferred
+
 
 @pytest.fixture
 def flux():
@@ -82,14 +85,21 @@ def test_rate_zero_is_exactly_the_plain_transformer(flux):
         assert not torch.allclose(flux(**inputs()).sample, plain)
 
 
-def _attention_inputs(flux):
+def _attention_inputs(flux, text_tokens: int = TEXT):
     """A double-stream block's attention module with its inputs, as the block hands them over."""
     block, data = flux.transformer_blocks[0], inputs()
     attn = block.attn
     hidden = torch.randn(IMAGES, SIDE * SIDE, attn.query_dim)
-    text = torch.randn(IMAGES, TEXT, attn.query_dim)
-    rotary = flux.pos_embed(torch.cat([data["txt_ids"], data["img_ids"]], 0))
+    text = torch.randn(IMAGES, text_tokens, attn.query_dim)
+    rotary = flux.pos_embed(torch.cat([torch.zeros(text_tokens, 3), data["img_ids"]], 0))
     return attn, hidden, text, rotary
+
+
+def image_rotation(flux, places: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary rows of the image tokens at `places` (indices among the image tokens), from the image ids
+    alone: Flux's text ids are all zero, so where an image token sits does not depend on the text."""
+    cos, sin = flux.pos_embed(inputs()["img_ids"])
+    return cos[places], sin[places]
 
 
 def dense_reference(attn, hidden, text, rotary, indices, positions, text_sees_borrowed):
@@ -179,6 +189,15 @@ def test_the_two_position_choices_differ(flux):
     assert not torch.allclose(source, none)
 
 
+class WritingController(Controller):
+    """A reference phase that fills a bank: keeps what the processor writes."""
+
+    writes = True
+
+    def write(self, name, tokens, positions=None) -> None:
+        self.written = tokens, positions
+
+
 class ReadController(Controller):
     """The read-mode part of `ConsistentAttention`: one bank entry, its positions, an optional read mask."""
 
@@ -198,24 +217,25 @@ class ReadController(Controller):
         return self.mask
 
 
-def dense_bank_reference(attn, hidden, text, rotary, bank, positions, mask, rotate=True):
-    """Per image: its own joint sequence plus the bank's tokens as keys (rotated to their source positions),
-    image queries limited by `mask` (B, N, M), text queries seeing their own sequence only."""
+def dense_bank_reference(attn, hidden, text, rotary, bank, bank_rotary, mask, text_sees_borrowed=False):
+    """Per image: its own joint sequence plus the bank's tokens as keys (rotated by `bank_rotary`, their
+    image tokens' rotary rows; None: unrotated), image queries limited by `mask` (B, N, M), text queries
+    seeing their own sequence only (unless `text_sees_borrowed`: every bank token)."""
     q, k, v, _, _, _ = _plain_qkv(attn, hidden, text)
     qr, kr = (apply_rotary_emb(t, rotary, sequence_dim=1) for t in (q, k))
     unflat = (-1, attn.head_dim)
     bank_key = attn.norm_k(attn.to_k(bank).unflatten(-1, unflat))[0]  # (M, H, D)
     bank_value = attn.to_v(bank).unflatten(-1, unflat)[0]
-    if rotate:
-        cos, sin = rotary
-        bank_key = apply_rotary_emb(bank_key[None], (cos[positions], sin[positions]), sequence_dim=1)[0]
-    seq, out = TEXT + SIDE * SIDE, []
+    if bank_rotary is not None:
+        bank_key = apply_rotary_emb(bank_key[None], bank_rotary, sequence_dim=1)[0]
+    text_tokens = text.shape[1]
+    seq, out = text_tokens + SIDE * SIDE, []
     for i in range(IMAGES):
         keys, values = torch.cat([kr[i], bank_key]), torch.cat([v[i], bank_value])
         allowed = torch.ones(seq, seq + bank.shape[1], dtype=torch.bool)
-        allowed[:TEXT, seq:] = False
+        allowed[:text_tokens, seq:] = text_sees_borrowed
         if mask is not None:
-            allowed[TEXT:, seq:] = mask[i]
+            allowed[text_tokens:, seq:] = mask[i]
         scores = torch.einsum("shd,thd->hst", qr[i], keys) * attn.head_dim**-0.5
         weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         out.append(torch.einsum("hst,thd->shd", weights, values))
@@ -228,15 +248,119 @@ def test_bank_read_equals_the_dense_formulation(flux, masked):
     attn, hidden, text, rotary = _attention_inputs(flux)
     g = torch.Generator().manual_seed(3)
     bank = torch.randn(1, 10, attn.query_dim, generator=g)
-    positions = TEXT + torch.randint(0, SIDE * SIDE, (10,), generator=g)
+    positions = torch.randint(0, SIDE * SIDE, (10,), generator=g)  # places among the image tokens
     mask = torch.rand(IMAGES, SIDE * SIDE, 10, generator=g) > 0.5 if masked else None
     processor = FluxConsistentAttnProcessor("b0", 0.5, ReadController(bank, positions, mask), attn.processor)
     with torch.no_grad():
         image_out, text_out = processor(attn, hidden, text, image_rotary_emb=rotary)
-        joint = dense_bank_reference(attn, hidden, text, rotary, bank, positions, mask)
+        joint = dense_bank_reference(attn, hidden, text, rotary, bank, image_rotation(flux, positions), mask)
         _, plain_text = attn.processor(attn, hidden, text, image_rotary_emb=rotary)
     torch.testing.assert_close(image_out, attn.to_out[1](attn.to_out[0](joint[:, TEXT:])), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(text_out, plain_text, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("read_text", [3, 8])
+def test_a_bank_read_at_another_text_length_rotates_keys_as_their_image_tokens(flux, read_text):
+    """A bank written in calls with TEXT text tokens, read in a call with `read_text`: each bank key is rotated
+    as the image token it was sampled from, as the dense formulation places it from the image ids alone. Fewer
+    text tokens at the read indexed past the rotary table; more rotated keys as other tokens."""
+    attn, hidden, text, rotary = _attention_inputs(flux)
+    writer = WritingController()
+    with torch.no_grad():
+        FluxConsistentAttnProcessor("b0", 0.5, writer, attn.processor)(attn, hidden, text, image_rotary_emb=rotary)
+    tokens, positions = writer.written
+    sampled = sample_token_indices(IMAGES, SIDE * SIDE, 8, torch.Generator().manual_seed(0))  # the writer's draw
+    torch.testing.assert_close(tokens[0], hidden[torch.arange(IMAGES)[:, None], sampled].flatten(0, 1))
+    _, frame, frame_text, frame_rotary = _attention_inputs(flux, read_text)
+    reader = FluxConsistentAttnProcessor("b0", 0.5, ReadController(tokens, positions), attn.processor)
+    with torch.no_grad():
+        image_out, _ = reader(attn, frame, frame_text, image_rotary_emb=frame_rotary)
+        bank_rotary = image_rotation(flux, sampled.flatten())
+        joint = dense_bank_reference(attn, frame, frame_text, frame_rotary, tokens, bank_rotary, None)
+    expected = attn.to_out[1](attn.to_out[0](joint[:, read_text:]))
+    torch.testing.assert_close(image_out, expected, atol=1e-5, rtol=1e-4)
+
+
+def _owner_mask(seed: int, bank_tokens: int) -> torch.Tensor:
+    """(IMAGES, N, M) read mask of a frame naming two characters: each query reads its owner's bank tokens."""
+    from storydiffusion.csa.attention import bank_read_mask
+
+    owner = torch.randint(-1, 2, (IMAGES, SIDE * SIDE), generator=torch.Generator().manual_seed(seed))
+    return bank_read_mask(owner, torch.arange(bank_tokens) % 2)
+
+
+@pytest.mark.parametrize("text_sees_borrowed", [False, True])
+def test_masked_reads_run_on_a_backend_that_refuses_masks(flux, text_sees_borrowed):
+    """Frames naming several characters read their banks through a mask; flash and sage backends refuse
+    masks, as `_native_flash` (torch's flash kernel, which runs on the CPU too) does: the read still equals the
+    masked dense formulation."""
+    attn, hidden, text, rotary = _attention_inputs(flux)
+    g = torch.Generator().manual_seed(3)
+    bank, positions = torch.randn(1, 10, attn.query_dim, generator=g), torch.randint(0, SIDE * SIDE, (10,), generator=g)
+    mask = _owner_mask(4, 10)
+    attn.processor._attention_backend = "_native_flash"  # what flux.set_attention_backend sets
+    controller = ReadController(bank, positions, mask)
+    processor = FluxConsistentAttnProcessor(
+        "b0", 0.5, controller, attn.processor, text_sees_borrowed=text_sees_borrowed
+    )
+    with torch.no_grad():
+        image_out, text_out = processor(attn, hidden, text, image_rotary_emb=rotary)
+        bank_rotary = image_rotation(flux, positions)
+        joint = dense_bank_reference(attn, hidden, text, rotary, bank, bank_rotary, mask, text_sees_borrowed)
+    torch.testing.assert_close(image_out, attn.to_out[1](attn.to_out[0](joint[:, TEXT:])), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(text_out, attn.to_add_out(joint[:, :TEXT]), atol=1e-5, rtol=1e-4)
+
+
+def test_every_csa_attention_call_gets_the_parallel_config_and_no_mask(flux, monkeypatch):
+    """As diffusers' own Flux and SD3 processors do, CSA's calls pass the processor's `_parallel_config` (set by
+    `enable_parallelism`) to `dispatch_attention_fn`, in the reference phase and in masked reads alike."""
+    from diffusers.models import attention_dispatch
+
+    calls, dispatch = [], attention_dispatch.dispatch_attention_fn
+
+    def refusing_masks(query, key, value, attn_mask=None, parallel_config=None, **kwargs):
+        assert attn_mask is None, "a mask reached the attention backend"
+        calls.append(parallel_config)
+        return dispatch(query, key, value, **kwargs)
+
+    monkeypatch.setattr(attention_dispatch, "dispatch_attention_fn", refusing_masks)
+    attn, hidden, text, rotary = _attention_inputs(flux)
+    config = object()  # a ParallelConfig stand-in: only passed on
+    attn.processor._parallel_config = config
+    bank = torch.randn(1, 10, attn.query_dim)
+    with torch.no_grad():
+        FluxConsistentAttnProcessor("b0", 0.5, Controller(), attn.processor)(
+            attn, hidden, text, image_rotary_emb=rotary
+        )
+        reader = ReadController(bank, torch.arange(10), _owner_mask(5, 10))
+        FluxConsistentAttnProcessor("b0", 0.5, reader, attn.processor)(attn, hidden, text, image_rotary_emb=rotary)
+    assert calls and all(passed is config for passed in calls)
+
+
+@pytest.fixture
+def active_attention_backend():
+    """`set_attention_backend` also sets the process-wide active backend: put it back afterwards."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active, _ = _AttentionBackendRegistry.get_active_backend()
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
+def test_set_attention_backend_reaches_the_csa_processors(flux, active_attention_backend):
+    """Called after CSA is installed, `set_attention_backend` sets the backend CSA's calls and the replaced
+    processors' plain calls use; a masked read then runs on it (`_native_flash` refuses masks)."""
+    install(flux, 0.5)
+    flux.set_attention_backend("_native_flash")
+    for processor in flux.attn_processors.values():
+        assert processor._attention_backend == "_native_flash" == processor.original._attention_backend
+    attn, hidden, text, rotary = _attention_inputs(flux)
+    bank, positions, mask = torch.randn(1, 10, attn.query_dim), torch.arange(10), _owner_mask(6, 10)
+    attn.processor.controller = ReadController(bank, positions, mask)
+    with torch.no_grad():
+        image_out, _ = attn.processor(attn, hidden, text, image_rotary_emb=rotary)
+        joint = dense_bank_reference(attn, hidden, text, rotary, bank, image_rotation(flux, positions), mask)
+    torch.testing.assert_close(image_out, attn.to_out[1](attn.to_out[0](joint[:, TEXT:])), atol=1e-5, rtol=1e-4)
 
 
 class Maps:
@@ -269,7 +393,7 @@ def test_subject_maps_are_the_image_to_text_attention_with_one_projection(flux, 
     layer runs CSA or not; a CSA call projects the queries once (the maps reuse the attention's projections)."""
     attn, hidden, text, rotary = _attention_inputs(flux)
     g = torch.Generator().manual_seed(3)
-    bank, positions = torch.randn(1, 6, attn.query_dim, generator=g), TEXT + torch.arange(6)
+    bank, positions = torch.randn(1, 6, attn.query_dim, generator=g), torch.arange(6)
     controller = RecordingController(bank, positions, gated_on)
     processor = FluxConsistentAttnProcessor("b0", 0.5, controller, attn.processor)
     calls = []
@@ -294,7 +418,7 @@ def test_bank_read_without_positions_is_refused_for_source_positions(flux):
     unrotated = FluxConsistentAttnProcessor("b0", 0.5, ReadController(bank), attn.processor, positions="none")
     with torch.no_grad():
         image_out, _ = unrotated(attn, hidden, text, image_rotary_emb=rotary)
-        joint = dense_bank_reference(attn, hidden, text, rotary, bank, None, None, rotate=False)
+        joint = dense_bank_reference(attn, hidden, text, rotary, bank, None, None)
     torch.testing.assert_close(image_out, attn.to_out[1](attn.to_out[0](joint[:, TEXT:])), atol=1e-5, rtol=1e-4)
 
 
@@ -363,6 +487,53 @@ def test_sd3_joint_csa_equals_the_dense_formulation(sd3):
                 keys = torch.cat([k[row]] + [k[o][e] for o, e in zip(others, extra)])
                 values = torch.cat([v[row]] + [v[o][e] for o, e in zip(others, extra)])
                 allowed = torch.ones(seq, keys.shape[0], dtype=torch.bool)
+                allowed[tokens:, seq:] = False  # text queries (after the image) see their own sequence only
+                scores = torch.einsum("shd,thd->hst", q[row], keys) * attn.scale
+                weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+                outputs.append(torch.einsum("hst,thd->shd", weights, values).flatten(1))
+        joint = torch.stack(outputs)
+    torch.testing.assert_close(image_out, attn.to_out[1](attn.to_out[0](joint[:, :tokens])), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(text_out, attn.to_add_out(joint[:, tokens:]), atol=1e-5, rtol=1e-4)
+
+
+def test_sd3_masked_bank_read_equals_the_dense_formulation_without_a_mask_reaching_the_backend(sd3, monkeypatch):
+    """SD3 ([image ; text], two guidance halves, each with its half of the bank): a masked read through a
+    dispatcher that refuses masks, as flash and sage backends do, equals the masked dense formulation."""
+    from diffusers.models import attention_dispatch
+
+    dispatch = attention_dispatch.dispatch_attention_fn
+
+    def refusing_masks(query, key, value, attn_mask=None, **kwargs):
+        if attn_mask is not None:
+            raise ValueError("`attn_mask` is not supported by this backend")
+        return dispatch(query, key, value, **kwargs)
+
+    monkeypatch.setattr(attention_dispatch, "dispatch_attention_fn", refusing_masks)
+    attn = sd3.transformer_blocks[0].attn
+    g = torch.Generator().manual_seed(2)
+    tokens = SIDE * SIDE
+    hidden = torch.randn(2 * IMAGES, tokens, attn.query_dim, generator=g)
+    text = torch.randn(2 * IMAGES, TEXT, attn.query_dim, generator=g)
+    bank = torch.randn(2, 10, attn.query_dim, generator=g)
+    mask = _owner_mask(7, 10)
+    processor = SD3ConsistentAttnProcessor("t0", 0.5, ReadController(bank, mask=mask), attn.processor)
+    with torch.no_grad():
+        image_out, text_out = processor(attn, hidden, text)
+
+        def split(x):
+            return x.unflatten(-1, (attn.heads, -1))
+
+        q = torch.cat([attn.norm_q(split(attn.to_q(hidden))), attn.norm_added_q(split(attn.add_q_proj(text)))], 1)
+        k = torch.cat([attn.norm_k(split(attn.to_k(hidden))), attn.norm_added_k(split(attn.add_k_proj(text)))], 1)
+        v = torch.cat([split(attn.to_v(hidden)), split(attn.add_v_proj(text))], 1)
+        bank_k, bank_v = attn.norm_k(split(attn.to_k(bank))), split(attn.to_v(bank))
+        seq, outputs = tokens + TEXT, []
+        for half in range(2):
+            for i in range(IMAGES):
+                row = half * IMAGES + i
+                keys, values = torch.cat([k[row], bank_k[half]]), torch.cat([v[row], bank_v[half]])
+                allowed = torch.ones(seq, seq + 10, dtype=torch.bool)
+                allowed[:tokens, seq:] = mask[i]
                 allowed[tokens:, seq:] = False  # text queries (after the image) see their own sequence only
                 scores = torch.einsum("shd,thd->hst", q[row], keys) * attn.scale
                 weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)

@@ -307,6 +307,22 @@ def test_yaml_file_reads_frames_and_settings(tmp_path):
     assert negative.count("photograph") == 1 and negative.endswith("blurry")
 
 
+def test_a_story_records_which_settings_its_author_gave_and_where(tmp_path):
+    """What a saved character's settings may fill in (`runner.with_character_settings`): only settings not given."""
+    path = write(tmp_path, "story.yaml", STORY_YAML)
+    s = Story.from_file(path, {"steps": 50, "same_initial_noise": False})  # both equal to the defaults, yet given
+    where = s.given_settings()
+    assert where["seed"] == f"{path} line 13" and where["width"] == where["height"] == f"{path} line 16"
+    assert where["steps"] == "--steps" and where["same_initial_noise"] == "--same-initial-noise"
+    assert "regional_prompts" not in where
+    unset = Story.from_file(write(tmp_path, "bare.yaml", "frames:\n  - '[NC] a street'\n"))
+    assert unset.given_settings() == {}
+    boxes = Story.from_text(CHARACTERS, FRAMES, StorySettings(id_length=2, steps=50), given=["id_length", "steps"])
+    assert boxes.given_settings() == {"id_length": "--id-length", "steps": "--steps"}
+    # built without the record: the settings that differ from the defaults count as given
+    assert story(guidance=5.0, rate=0.25).given_settings() == {"id_length": "given", "rate": "given"}
+
+
 def test_json_file_is_the_same_story(tmp_path):
     data = {
         "characters": {"Bob": BOB},

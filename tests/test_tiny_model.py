@@ -79,11 +79,30 @@ def test_eval_end_to_end_on_a_reduced_set(monkeypatch, capsys, tmp_path):
         assert not stop.code
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
-    for arm in ("baseline", "shared_noise", "csa", "csa_shared_noise"):
+    for arm in ("baseline", "shared_noise", "csa", "csa_shared_noise", "csa_finished", "csa_sequential"):
         scores = printed[arm]
         assert set(scores) == {"identity_agreement", "prompt_alignment", "clip_i", "clip_t", "per_attribute"}
         assert 0.0 <= scores["identity_agreement"] <= 1.0 and 0.0 <= scores["prompt_alignment"] <= 1.0
         assert -1.0 <= scores["clip_t"] <= 1.0
     assert 0.0 <= printed["within_strip_agreement"] <= 1.0
     assert printed["stories"] == 2 and printed["seeds"] == [0]
-    assert len(list((tmp_path / "images").glob("*.png"))) == 2 * 5  # 2 stories x (4 arms + strip)
+    assert len(list((tmp_path / "images").glob("*.png"))) == 2 * 7  # 2 stories x (6 arms + strip)
+
+
+def test_eval_pictures_end_to_end(monkeypatch, capsys, tmp_path):
+    """Frames that read a clean picture of the character show its look far more often than frames without."""
+    out = tmp_path / "eval.json"
+    argv = ["storydiffusion", "eval", "--pictures", "--count", "3", "--seeds", "0", "--json", str(out)]
+    argv += ["--device", "cpu", "--images", str(tmp_path / "images")]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        cli.main()
+    except SystemExit as stop:
+        assert not stop.code
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text())
+    assert set(printed) == {"no_picture", "picture_step", "picture_clean", "picture_clean_w4", "stories", "seeds"}
+    for scores in (printed[arm] for arm in ("no_picture", "picture_step", "picture_clean", "picture_clean_w4")):
+        assert {"picture_agreement", "identity_agreement", "prompt_alignment", "clip_i", "clip_t"} <= set(scores)
+    assert printed["picture_clean"]["picture_agreement"] >= printed["no_picture"]["picture_agreement"] + 0.2
+    assert len(list((tmp_path / "images").glob("*.png"))) == 3 * 4

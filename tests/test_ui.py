@@ -158,9 +158,9 @@ def test_a_saved_character_is_reused(app):
     assert [manifest["panels"][i]["role"] for i in ("0", "1")] == ["frame", "frame"]
     assert len(manifest["settings"]["banks"]) == 1  # a resumed run must be given the same bank
 
-    # a bank made under other settings is refused with a message naming what differs
+    # a setting other than the character's is refused with a message naming both values
     message, *_ = list(app.on_generate(*form(frames=frames, steps=5, banks=banks)))[-1]
-    assert message.startswith("**Error:** identity bank of 'Mia'") and "num\\_steps: bank=4 run=5" in message
+    assert message.startswith("**Error:** saved character 'Mia'") and "steps=4, but this run sets steps=5" in message
 
 
 def test_the_page_has_the_story_boxes_examples_and_outputs(app):

@@ -47,7 +47,15 @@ from typing import Any
 
 import yaml
 
-from storydiffusion.app.runner import MANIFEST, Manifest, RunOptions, load_story_pipeline, run_settings, run_story
+from storydiffusion.app.runner import (
+    MANIFEST,
+    Manifest,
+    RunOptions,
+    execution_device,
+    load_story_pipeline,
+    run_settings,
+    run_story,
+)
 from storydiffusion.csa.attention import CSAConfig
 from storydiffusion.errors import StoryDiffusionError
 from storydiffusion.files import write_atomically
@@ -128,7 +136,8 @@ def _read_input(given: str | Path, overrides: Mapping[str, Any]) -> list[BatchSt
 
 
 def _is_story_file(path: Path) -> bool:
-    hidden = path.name.startswith(".")  # e.g. a `.partial` file of an interrupted write
+    # hidden: an editor's backup, or the `.NAME.partial` (files.partial_path) of a write that was killed
+    hidden = path.name.startswith(".")
     return path.is_file() and path.suffix.lower() in STORY_SUFFIXES and not hidden and path.name not in _NOT_INPUTS
 
 
@@ -442,15 +451,16 @@ def _record_run(
     if not generated:
         return  # nothing drawn: nothing timed
     runs = [] if options.overwrite else read_runs(folder)
+    device = execution_device(pipeline)  # under --cpu-offload the GPU, where `pipeline.device` says cpu
     runs.append(
         {
             "process": state.process_index,
             "num_processes": state.num_processes,
-            "device": str(pipeline.device),
+            "device": str(device),
             "generated": len(generated),
             "skipped": len(skipped),
             "seconds": round(seconds, 4),  # from the story's start to its last panel written: no comic pages
-            "peak_mem_bytes": peak_accelerator_bytes(pipeline.device),
+            "peak_mem_bytes": peak_accelerator_bytes(device),
             "peak_rss_bytes": peak_rss_bytes(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }

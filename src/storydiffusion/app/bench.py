@@ -15,17 +15,34 @@ Arms (same seeds, same frames):
                       subject, so the multi-character masks (`subject_masks="infer"`, on in every arm) never
                       apply; subject-only sharing is where masks change a one-subject story.
 
-Scores, from the panels on disk (so a resumed run scores every panel):
-    clip_t   mean over frames of cos(CLIP(image), CLIP(its benchmark prompt))
-    clip_i   mean over subjects of the mean pairwise cos between the CLIP embeddings of its frames
-    dreamsim mean over subjects of the mean pairwise DreamSim distance of its frames (lower: more alike),
-             when the `dreamsim` package and its weights load; else null and `dreamsim_note` says why
+Scores, from the panels on disk (so a resumed run scores every panel), each named with its scale:
+    clip_t_clipscore   CLIP-T on the published scale: mean over frames of CLIPScore = 2.5 * max(cos, 0), the
+                       cosine between CLIP(image) and CLIP(its benchmark prompt)
+    clip_t_cosine      the same cosines, raw (a good match reads 0.25-0.40)
+    clip_i_cosine      CLIP-I: mean over subjects of the mean pairwise cosine between the CLIP image embeddings
+                       of its frames (the published scale: a raw cosine)
+    dreamsim_distance  mean over subjects of the mean pairwise DreamSim distance (1 - cosine of DreamSim
+                       embeddings; lower: more alike) of its frames, when the `dreamsim` package and its weights
+                       load; else null and `dreamsim_note` says why
     s_per_image     seconds of drawing per image on one process (from each story's start to its last
                     panel written; runs killed midway are not timed)
-    peak_mem_bytes  peak `torch.cuda.max_memory_allocated` over the arm's processes (weights included);
-                    null off CUDA, with `peak_rss_bytes`, the processes' peak resident memory, beside it
-No background removal before CLIP-I / DreamSim (ConsiStory's protocol removes it): figures read higher
-identity similarity than a background-free protocol would.
+    peak_mem_bytes  peak `torch.cuda.max_memory_allocated` over the arm's processes (weights included), on the
+                    device each computed on (the GPU under --cpu-offload); null off CUDA, with `peak_rss_bytes`,
+                    the processes' peak resident memory, beside it
+
+The published protocol, and why CLIP-T is rescaled. ConsiStory (Tewel et al., "Training-Free Consistent
+Text-to-Image Generation", SIGGRAPH 2024) measures prompt alignment with CLIPScore (Hessel et al., "CLIPScore: A
+Reference-free Evaluation Metric for Image Captioning", EMNLP 2021: CLIP-S = w * max(cos, 0) with w = 2.5,
+which stretches the usual image-text cosines to about 0 to 1), and subject consistency with DreamSim (Fu et al.
+2023) and CLIP-I, the cosine between image embeddings, on images whose backgrounds were removed (CarveKit).
+1Prompt1Story (Liu et al., "One-Prompt-One-Story", ICLR 2025, Table 1) scores ConsiStory+ that way: CLIP-T
+0.89-0.91 is CLIPScore (2.5 x a cosine of ~0.36; raw cosines read 0.2-0.4, x100 would read 20-40); CLIP-I
+0.82-0.91 and DreamSim 0.20-0.53 are a raw cosine and a raw distance (CLIP-I at 2.5 x cosine would put frames
+of one subject at a cosine of ~0.35, far below what CLIP gives such pairs). So `PUBLISHED` holds those figures
+under the keys of the scales they are on, and only CLIP-T needs a transform. Figures also depend on the CLIP
+backbone (Hessel et al. use ViT-B/32; `--clip-model` picks ours, ViT-L/14 by default for real checkpoints) and
+on the background removal, which is not done here: identity scores read higher than under the published
+protocol.
 """
 
 from __future__ import annotations
@@ -54,12 +71,20 @@ from storydiffusion.files import write_atomically
 ARMS = ("vanilla", "csa", "csa_shared_noise", "csa_masked")
 BENCH_JSON = "bench.json"
 LARGE_CLIP = "openai/clip-vit-large-patch14"  # the usual CLIP-T / CLIP-I backbone for real checkpoints
-# ConsiStory+ scores published with 1Prompt1Story (SDXL, 50 steps): CLIP-T, CLIP-I, DreamSim
+CLIPSCORE_WEIGHT = 2.5  # Hessel et al. 2021: CLIPScore = 2.5 * max(cos, 0)
+# ConsiStory+ scores published with 1Prompt1Story (SDXL, 50 steps), on the scales named by their keys
 PUBLISHED = {
-    "1Prompt1Story": (0.8942, 0.9117, 0.1993),
-    "StoryDiffusion": (0.8877, 0.8755, 0.3212),
-    "vanilla SDXL": (0.9074, 0.8165, 0.5292),
+    "1Prompt1Story": {"clip_t_clipscore": 0.8942, "clip_i_cosine": 0.9117, "dreamsim_distance": 0.1993},
+    "StoryDiffusion": {"clip_t_clipscore": 0.8877, "clip_i_cosine": 0.8755, "dreamsim_distance": 0.3212},
+    "vanilla SDXL": {"clip_t_clipscore": 0.9074, "clip_i_cosine": 0.8165, "dreamsim_distance": 0.5292},
 }
+# the table's score columns: key, header (with its scale)
+SCORE_COLUMNS = (
+    ("clip_t_clipscore", "CLIP-T, CLIPScore 2.5·max(cos, 0) ↑"),
+    ("clip_t_cosine", "CLIP-T, cosine ↑"),
+    ("clip_i_cosine", "CLIP-I, cosine ↑"),
+    ("dreamsim_distance", "DreamSim distance ↓"),
+)
 CLIP_BATCH = 32  # images embedded per CLIP call
 
 
@@ -116,6 +141,11 @@ def default_clip(model: str) -> str:
 
 
 # -- scoring -------------------------------------------------------------------------------------
+def clipscore(cosine: float) -> float:
+    """CLIPScore of one image and its text (Hessel et al. 2021): 2.5 * max(cos, 0), the published CLIP-T scale."""
+    return CLIPSCORE_WEIGHT * max(cosine, 0.0)
+
+
 def pairwise_mean(embeddings: Any) -> float:
     """Mean cosine similarity over all pairs of unit-norm rows (B >= 2)."""
     pairs = list(combinations(range(embeddings.shape[0]), 2))
@@ -198,9 +228,10 @@ def score_arm(
     peaks = [run["peak_mem_bytes"] for run in runs if run.get("peak_mem_bytes") is not None]
     rss = [run["peak_rss_bytes"] for run in runs if run.get("peak_rss_bytes") is not None]
     result: dict[str, Any] = {
-        "clip_t": sum(clip_t) / len(clip_t),
-        "clip_i": sum(clip_i) / len(clip_i),
-        "dreamsim": sum(distances) / len(distances) if dreamsim is not None else None,
+        "clip_t_clipscore": sum(clipscore(cosine) for cosine in clip_t) / len(clip_t),  # per image, then the mean
+        "clip_t_cosine": sum(clip_t) / len(clip_t),
+        "clip_i_cosine": sum(clip_i) / len(clip_i),
+        "dreamsim_distance": sum(distances) / len(distances) if dreamsim is not None else None,
         "s_per_image": seconds / timed if timed else None,
         "peak_mem_bytes": max(peaks) if peaks else None,
         "peak_rss_bytes": max(rss) if rss else None,
@@ -232,8 +263,8 @@ def run_bench(
 ) -> dict[str, Any] | None:
     """Draw every arm through `run_batch` (this process's share), then, on process 0, score them.
 
-    Returns `{arm: {clip_t, clip_i, dreamsim, s_per_image, peak_mem_bytes, ...}}` on process 0, None on the
-    others. Re-running resumes every arm."""
+    Returns `{arm: {clip_t_clipscore, clip_t_cosine, clip_i_cosine, dreamsim_distance, s_per_image,
+    peak_mem_bytes, ...}}` on process 0, None on the others. Re-running resumes every arm."""
     from storydiffusion.clip_score import ClipScorer
     from storydiffusion.world.models import resolve_clip
 
@@ -263,20 +294,23 @@ def _bytes(value: int | None) -> str:
 
 
 def markdown_table(result: Mapping[str, Mapping[str, Any]], header: str = "") -> str:
-    """The arms' scores as a markdown table, the published ConsiStory+ rows below for reference, and notes."""
+    """The arms' scores as a markdown table (each score column names its scale), the published ConsiStory+ rows
+    below on the same scales, and notes."""
     lines = [header, ""] if header else []
+    titles = [title for _, title in SCORE_COLUMNS]
     lines += [
-        "| arm | CLIP-T ↑ | CLIP-I ↑ | DreamSim ↓ | s / image | peak accelerator memory | peak RSS |",
-        "|---|---|---|---|---|---|---|",
+        f"| arm | {' | '.join(titles)} | s / image | peak accelerator memory | peak RSS |",
+        "|---" * (len(titles) + 4) + "|",
     ]
     for arm, scores in result.items():
+        figures = " | ".join(_number(scores.get(key)) for key, _ in SCORE_COLUMNS)
         lines.append(
-            f"| {arm} | {_number(scores['clip_t'])} | {_number(scores['clip_i'])} | {_number(scores['dreamsim'])} "
-            f"| {_number(scores['s_per_image'], 2)} | {_bytes(scores['peak_mem_bytes'])} "
+            f"| {arm} | {figures} | {_number(scores['s_per_image'], 2)} | {_bytes(scores['peak_mem_bytes'])} "
             f"| {_bytes(scores.get('peak_rss_bytes'))} |"
         )
-    for name, (clip_t, clip_i, dreamsim) in PUBLISHED.items():
-        lines.append(f"| *published: {name}* | {clip_t:.3f} | {clip_i:.3f} | {dreamsim:.3f} | | | |")
+    for name, published in PUBLISHED.items():
+        figures = " | ".join(f"{published[key]:.3f}" if key in published else "—" for key, _ in SCORE_COLUMNS)
+        lines.append(f"| *published: {name}* | {figures} | | | |")
     notes = dict.fromkeys(
         note for scores in result.values() for key, note in scores.items() if key.endswith("_note") and note
     )

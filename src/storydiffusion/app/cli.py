@@ -27,7 +27,12 @@ app = typer.Typer(
 
 
 # Options `story` and `batch` share, spelled once so the two commands cannot drift apart.
-DtypeOption = Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16.")]
+DtypeOption = Annotated[
+    str,
+    typer.Option(
+        help="auto (fp32 on CPU; on GPU bf16 for FLUX/SD3 where supported, else fp16), float32, float16, bfloat16."
+    ),
+]
 StepsOption = Annotated[int | None, typer.Option(min=1, help="Denoising steps (overrides the story's).")]
 SeedOption = Annotated[int | None, typer.Option(min=0, help="Story seed (overrides the story's).")]
 GuidanceOption = Annotated[float | None, typer.Option(min=0.0, help="Guidance scale (overrides the story's).")]
@@ -158,7 +163,8 @@ def story_command(
         list[Path] | None,
         typer.Option(
             help="A saved character to reuse: banks/Name.character.json of an earlier run (regenerated exactly, or "
-            "read from the Name.safetensors beside it), or a full bank Name.safetensors; repeatable."
+            "read from the Name.safetensors beside it), or a full bank Name.safetensors; repeatable. Its model, "
+            "size, steps, guidance and rate are the run's unless given (a different value given is an error)."
         ),
     ] = None,
 ) -> None:
@@ -198,6 +204,7 @@ def story_command(
             characters_source=str(characters or "<characters>"),
             frames_source=str(frames),
             banked=banked,
+            given=overrides,  # the options given; a saved character's settings fill the rest (`run_story`)
         )
     settings = story.settings
     options = RunOptions(
@@ -247,10 +254,18 @@ def eval_command(
             "masked, regions and regional_prompts (12 built-in stories; --quick: 4)."
         ),
     ] = False,
+    pictures: Annotated[
+        bool,
+        typer.Option(
+            help="Characters given by a picture: each story's character by a render of a held-out identity in "
+            "a pose and scene of its own; arms no_picture, picture_step, picture_clean, picture_clean_w4."
+        ),
+    ] = False,
 ) -> None:
-    """Score identity consistency and prompt alignment in four arms (baseline, shared_noise, csa,
-    csa_shared_noise) and within strips -- or, with --two-characters, how well each of two characters in
-    one frame keeps its own look; the last line printed is the JSON result."""
+    """Score identity consistency and prompt alignment in six arms (baseline, shared_noise, csa,
+    csa_shared_noise, csa_finished, csa_sequential) and within strips -- or, with --two-characters, how well
+    each of two characters in one frame keeps its own look; with --pictures, how well frames keep the look of
+    a character given by a picture. The last line printed is the JSON result."""
     import json
 
     from storydiffusion.app.evaluate import run_eval
@@ -263,6 +278,8 @@ def eval_command(
         raise typer.BadParameter(f"--seeds {seeds!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
     if not seed_list:
         raise typer.BadParameter("--seeds is empty: give at least one seed")
+    if two_characters and pictures:
+        raise typer.BadParameter("--two-characters and --pictures measure different things: give one of them")
     if count is None:
         count = 12 if two_characters else 24  # two-character stories are longer
     if quick:
@@ -279,6 +296,7 @@ def eval_command(
         device=device,
         images_dir=images,
         two_characters=two_characters,
+        pictures=pictures,
     )
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -642,7 +660,7 @@ def bench_command(
     width: Annotated[int | None, typer.Option(min=8, help="Panel width (default: the model's).")] = None,
     height: Annotated[int | None, typer.Option(min=8, help="Panel height (default: the model's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16.")] = "auto",
+    dtype: DtypeOption = "auto",
     cpu_offload: Annotated[bool, typer.Option(help="diffusers model CPU offload (GPU only).")] = False,
     vae_slicing: Annotated[bool, typer.Option(help="Decode images one at a time.")] = False,
 ) -> None:

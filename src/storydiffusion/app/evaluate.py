@@ -23,9 +23,10 @@ def run_eval(
     device: str = "auto",
     images_dir: str | Path | None = None,
     two_characters: bool = False,
+    pictures: bool = False,
 ) -> dict[str, Any]:
     """`storydiffusion eval`: load everything, run `evaluate` (or, with `two_characters`, `evaluate_pairs` on
-    two-character stories), optionally save every story as a strip."""
+    two-character stories; with `pictures`, `evaluate_pictures`), optionally save every story as a strip."""
     from tqdm.auto import tqdm
 
     from storydiffusion.clip_score import ClipScorer
@@ -65,4 +66,10 @@ def run_eval(
         if two_characters:
             return evaluate_pairs(pipe, eval_stories, settings, classifier, on_story=on_story, progress=progress)
         clip = ClipScorer(resolve_clip(clip_model), pipe.device)
+        if pictures:
+            from storydiffusion.world.picture_eval import evaluate_pictures
+
+            return evaluate_pictures(
+                pipe, eval_stories, settings, classifier, clip, on_story=on_story, progress=progress
+            )
         return evaluate(pipe, eval_stories, settings, classifier, clip, on_story=on_story, progress=progress)

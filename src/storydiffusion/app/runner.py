@@ -12,6 +12,7 @@ made under different settings.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -26,11 +27,17 @@ from storydiffusion.csa.attention import CSAConfig
 from storydiffusion.csa.bank import BankSettings, IdentityBank
 from storydiffusion.errors import StoryDiffusionError
 from storydiffusion.files import write_atomically
-from storydiffusion.pipelines.characters import CharacterRecipe, character_file_name, load_character
-from storydiffusion.pipelines.loading import dtype_kwargs
+from storydiffusion.pipelines.characters import (
+    CharacterRecipe,
+    character_file_name,
+    is_character_file,
+    load_character,
+    saved_character_name,
+)
+from storydiffusion.pipelines.loading import auto_dtype, checkpoint_kind, dtype_kwargs
 from storydiffusion.pipelines.story_pipeline import FrameInfo, StoryPipeline
 from storydiffusion.story.comic import ComicLayout, check_captions, make_comic, save_comic
-from storydiffusion.story.format import Story
+from storydiffusion.story.format import Story, StorySettings
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "storydiffusion.run"
@@ -43,6 +50,7 @@ TINY_RANDOM_MODELS = {
     "tiny-random-flux": "tiny_flux_pipeline",
     "tiny-random-sd3": "tiny_sd3_pipeline",
 }
+TINY_RANDOM_DITS = {"tiny-random-flux": "flux", "tiny-random-sd3": "sd3"}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BANK_CACHES = ("auto", "always", "never")
@@ -62,7 +70,7 @@ class RunOptions:
 
     model: str = field(default_factory=default_model)  # hub id, folder, "tiny" or a `TINY_RANDOM_MODELS` name
     device: str = "auto"  # auto: cuda, then mps, then cpu
-    dtype: str = "auto"  # auto: float16 on a GPU, float32 on the CPU
+    dtype: str = "auto"  # auto: float32 on the CPU; on a GPU bfloat16 for Flux/SD3 where it has it, else float16
     cpu_offload: bool = False  # diffusers' model CPU offload (the GPU holds one component at a time)
     vae_slicing: bool = False
     vae_tiling: bool = False
@@ -104,13 +112,20 @@ def pick_device(device: str) -> str:
     return device
 
 
-def pick_dtype(dtype: str, device: str) -> Any:
+def pick_dtype(dtype: str, device: str, model: str | None = None) -> Any:
+    """The torch dtype `--dtype` names; "auto" by device and by `model`'s denoiser (`auto_dtype`)."""
     import torch
 
     if dtype not in DTYPES:
         raise StoryDiffusionError(f"--dtype {dtype!r} is not one of {DTYPES}")
     if dtype == "auto":
-        return torch.float32 if device == "cpu" else torch.float16
+        if model is None or model in TINY_RANDOM_MODELS:
+            kind = TINY_RANDOM_DITS.get(model, "unet")
+        else:
+            from storydiffusion.world.models import resolve_model
+
+            kind = checkpoint_kind(resolve_model(model))
+        return auto_dtype(device, kind)
     return getattr(torch, dtype)
 
 
@@ -119,7 +134,7 @@ def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) 
     import torch
 
     device = pick_device(options.device)
-    dtype = pick_dtype(options.dtype, device)
+    dtype = pick_dtype(options.dtype, device, model)
     if options.cpu_offload and device == "cpu":  # checked before minutes of loading, not after
         raise StoryDiffusionError("--cpu-offload moves models between a GPU and the CPU; it needs --device cuda")
     if model in TINY_RANDOM_MODELS:
@@ -154,6 +169,12 @@ def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) 
     return story
 
 
+def execution_device(pipeline: StoryPipeline) -> Any:
+    """The device the pipeline computes on: diffusers' `_execution_device`, which under model CPU offload is
+    the GPU each component is moved to, where `pipeline.device` names the CPU its weights wait on."""
+    return getattr(pipeline.pipe, "_execution_device", pipeline.device)
+
+
 # -- the run -------------------------------------------------------------------------------------
 def run_settings(
     story: Story,
@@ -168,10 +189,10 @@ def run_settings(
     s = story.settings
     rate = {str(k): v for k, v in s.rate.items()} if isinstance(s.rate, dict) else s.rate
     if pipeline is not None:
-        device, dtype = pipeline.device.type, str(pipeline.denoiser.dtype).removeprefix("torch.")
+        device, dtype = execution_device(pipeline).type, str(pipeline.denoiser.dtype).removeprefix("torch.")
     else:
         device = pick_device(options.device)
-        dtype = str(pick_dtype(options.dtype, device)).removeprefix("torch.")
+        dtype = str(pick_dtype(options.dtype, device, model)).removeprefix("torch.")
     settings = {
         "model": model,
         "device": device,
@@ -227,6 +248,108 @@ def load_bank_files(
             raise StoryDiffusionError(f"two bank files hold character {bank.character!r}; give one per character")
         banks[bank.character] = bank
     return banks
+
+
+# The story settings a saved character records. A run that leaves one unset takes the character's; one that sets
+# it otherwise is refused: a character is drawn again as it was made (its bank holds tokens of that size, loop
+# length, guidance and CSA rate, on that model).
+CHARACTER_SETTINGS = ("model", "steps", "guidance", "width", "height", "rate")
+
+
+def saved_character_settings(path: str | Path) -> dict[str, Any]:
+    """The story settings (`CHARACTER_SETTINGS`) a saved character was made with, as `StorySettings` holds them:
+    all of them from a character file or a bank that carries its recipe, the model and size from one without."""
+    path = Path(path)
+    if is_character_file(path):
+        recipe = CharacterRecipe.load(path)
+    else:
+        metadata = IdentityBank.read_metadata(path)
+        if "recipe" not in metadata:
+            made = BankSettings.from_json(metadata["settings"])
+            return _as_story_settings({"model": made.model, "width": made.width, "height": made.height})
+        recipe = CharacterRecipe.from_dict(json.loads(metadata["recipe"]), source=f"bank file {path}")
+    return _as_story_settings(
+        {
+            "model": recipe.settings.model,
+            "steps": recipe.num_inference_steps,
+            "guidance": recipe.guidance_scale,
+            "width": recipe.width,
+            "height": recipe.height,
+            "rate": recipe.csa.get("rate"),
+        }
+    )
+
+
+def _as_story_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` normalised as `StorySettings` holds them (a float guidance, integer rate levels); unknown ones
+    (None, an unnamed model) left out."""
+    known = {name: value for name, value in values.items() if value not in (None, "")}
+    settings = StorySettings(**known)
+    return {name: getattr(settings, name) for name in known}
+
+
+def _same_setting(name: str, a: Any, b: Any) -> bool:
+    if name == "model":  # "tiny" and the shipped folder it stands for are one model
+        from storydiffusion.world.models import resolve_model
+
+        return resolve_model(a) == resolve_model(b)
+    return a == b
+
+
+def with_character_settings(story: Story, bank_files: Sequence[str | Path], default_model: str) -> Story:
+    """`story` with its saved characters' settings (`CHARACTER_SETTINGS`) for those it does not set itself.
+
+    A setting the story's author set (`Story.given_settings`: a story file's field, a command-line option) that
+    differs from a character's, or two characters made with different values, is one `StoryDiffusionError`
+    naming the values and the way out. `default_model` is what a story without a model runs (`RunOptions.model`):
+    it stays when the character was made with it."""
+    if not bank_files:
+        return story
+    given = story.given_settings()
+    made: dict[str, tuple[Any, Path, str]] = {}  # setting -> (value, the file, its character)
+    for path in map(Path, bank_files):
+        character = saved_character_name(path)
+        for name, value in saved_character_settings(path).items():
+            if name not in made:
+                made[name] = (value, path, character)
+                continue
+            first, first_path, first_character = made[name]
+            if not _same_setting(name, first, value):
+                raise StoryDiffusionError(
+                    f"saved characters {first_character!r} ({first_path}) and {character!r} ({path}) were made with "
+                    f"{name}={first!r} and {name}={value!r}; one run draws every character at one {name}: make one "
+                    f"of them again with the other's"
+                )
+    updates: dict[str, Any] = {}
+    conflicts: dict[tuple[str, Path], list[tuple[str, Any, Any]]] = {}  # (character, file) -> its conflicts
+    for name, (value, path, character) in made.items():
+        current = getattr(story.settings, name)
+        if name in given:
+            if not _same_setting(name, current, value):
+                conflicts.setdefault((character, path), []).append((name, value, current))
+        elif name != "model" or not _same_setting(name, current or default_model, value):
+            updates[name] = value
+    if conflicts:
+        count = sum(len(found) for found in conflicts.values())
+        raise StoryDiffusionError(
+            "; ".join(
+                f"saved character {character!r} ({path}) was made with "
+                + " and ".join(f"{name}={value!r}" for name, value, _ in found)
+                + ", but this run sets "
+                + " and ".join(f"{name}={current!r} ({given[name]})" for name, _, current in found)
+                for (character, path), found in conflicts.items()
+            )
+            + (
+                ": leave it out (or give the character's value) to draw the character as it was made, or make the "
+                "character again with it"
+                if count == 1
+                else ": leave them out (or give the character's values) to draw the character as it was made, or make "
+                "the character again with them"
+            )
+        )
+    if not updates:
+        return story
+    return dataclasses.replace(story, settings=dataclasses.replace(story.settings, **updates))
 
 
 def _panel_record(info: FrameInfo, caption: str, file: str) -> dict[str, Any]:
@@ -320,14 +443,16 @@ def run_story(
 ) -> RunResult:
     """Generate (or finish) `story` into the folder `out`; see the module docstring.
 
-    `bank_files`: saved identity banks (`banks/Name.safetensors` of an earlier run) whose characters
-    are drawn from them instead of new reference frames. `on_panel(index, path)` is called as soon as
-    a panel's file is written.
+    `bank_files`: saved characters (`banks/Name.character.json` of an earlier run, or a full bank
+    `Name.safetensors`) drawn from their files instead of new reference frames; their model, size, steps,
+    guidance and CSA rate are the run's where the story sets none (`with_character_settings`).
+    `on_panel(index, path)` is called as soon as a panel's file is written.
     """
     options = options or RunOptions()
     if options.bank_cache not in BANK_CACHES:
         raise StoryDiffusionError(f"--bank-cache {options.bank_cache!r} is not one of {BANK_CACHES}")
     out = Path(out)
+    story = with_character_settings(story, bank_files, options.model)  # before the settings are recorded
     model = story.settings.model or options.model
     settings = run_settings(story, model, options, bank_files, pipeline)
     s = story.settings
@@ -386,7 +511,9 @@ def run_story(
         story_pipe(
             story.character_descriptions(),
             frames,
-            id_length=s.id_length,
+            # id_length counts the characters drawn here, each with that many solo frames (`Story.validate`);
+            # one that draws none (every character from a file) has no reference frames to fit into its frames
+            id_length=min(s.id_length, len(frames)),
             num_inference_steps=s.steps,
             guidance_scale=s.guidance,
             height=s.height,

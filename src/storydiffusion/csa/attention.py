@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -71,6 +72,9 @@ class CSASchedule:
         return cls(plain_fraction=0.0, stages=((1.0, 1.0),))
 
 
+BANK_SOURCES = ("steps", "finished", "sequential")
+
+
 @dataclass(frozen=True)
 class CSAConfig:
     """Which self-attention layers run CSA, and how many tokens they borrow."""
@@ -103,8 +107,33 @@ class CSAConfig:
     # their own positions; "none": unrotated), and whether text queries may see borrowed keys
     positions: str = "source"
     text_sees_borrowed: bool = False
+    # Weight w of every borrowed key (another image's, a bank's, a picture's) in the softmax: a log(w) bias on
+    # the borrowed logits, the same as each borrowed token appearing w times. 1: the paper's attention.
+    reference_strength: float = 1.0
+    # What a character's bank holds. "steps": the tokens its reference images leave at every step of the mutual
+    # reference phase (the paper). "finished": after that phase, tokens of its finished reference images, read
+    # as pictures. "sequential": the references drawn one after another, each reading the finished ones before
+    # it; the bank then holds them all as pictures.
+    bank_from: str = "steps"
+    # The noise a picture (a user's, or a finished reference) is read at: "step" -- each step's own level, one
+    # denoiser pass per step -- or a fixed fraction of the schedule (0.0 clean ... 1.0), one pass for the loop.
+    reference_noise: float | str = "step"
 
     def __post_init__(self) -> None:
+        if self.bank_from not in BANK_SOURCES:
+            raise StoryDiffusionError(f"CSAConfig.bank_from={self.bank_from!r} must be one of {BANK_SOURCES}")
+        noise = self.reference_noise
+        if noise != "step" and not (isinstance(noise, int | float) and 0.0 <= noise <= 1.0):
+            raise StoryDiffusionError(
+                f"CSAConfig.reference_noise={noise!r} must be 'step' (each step's own noise level) or a fraction "
+                "of the schedule from 0.0 (clean) to 1.0"
+            )
+        strength = self.reference_strength
+        if not (isinstance(strength, int | float) and 0.0 < strength < float("inf")):
+            raise StoryDiffusionError(
+                f"CSAConfig.reference_strength={strength!r} must be a positive number (1: unweighted, 4: each "
+                "borrowed token counts four times)"
+            )
         if self.positions not in ("source", "none"):
             raise StoryDiffusionError(f"CSAConfig.positions={self.positions!r} must be 'source' or 'none'")
         if self.subject_masks not in ("infer", "off"):
@@ -297,7 +326,8 @@ class ConsistentSelfAttnProcessor(WrappingProcessor):
         extension = self._extension(tokens)
         if extension is None:  # nothing to borrow at this call: the original computation
             return self.call_original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        out = consistent_attention(attn, tokens, *extension)  # (batch, N, C)
+        strength = self.controller.config.reference_strength
+        out = consistent_attention(attn, tokens, *extension, strength=strength)  # (batch, N, C)
 
         if hidden_states.ndim == 4:
             out = out.transpose(-1, -2).reshape(batch, channels, height, width)
@@ -312,13 +342,13 @@ class ConsistentSelfAttnProcessor(WrappingProcessor):
         halves = ctrl.guidance_halves(tokens.shape[0])
         per_half = split_guidance(tokens, halves)  # (halves, B, N, C)
         num_images, num_tokens = per_half.shape[1], per_half.shape[2]
-        if ctrl.mode == "mutual":
+        if ctrl.mode in ("mutual", "record"):
             indices = ctrl.mutual_indices(num_images, num_tokens, self.rate)  # (B, k) or None
             if indices is None:
                 return None
             if ctrl.writes:
                 ctrl.write(self.name, gather_tokens(per_half, indices).flatten(1, 2))  # (halves, B*k, C)
-            if num_images < 2:
+            if num_images < 2 or ctrl.mode == "record":  # a picture lends, it never reads
                 return None
             return indices, None
         bank_tokens = ctrl.read(self.name, halves, tokens.dtype, tokens.device)  # (halves, M, C)
@@ -333,12 +363,33 @@ def bank_read_mask(query_owner: torch.Tensor, bank_owner: torch.Tensor) -> torch
     return (query_owner[:, :, None] == bank_owner[None, None, :]) & (query_owner[:, :, None] >= 0)
 
 
+def borrowed_bias(
+    num_own: int, visible: torch.Tensor | None, strength: float, num_borrowed: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The attention mask that weighs borrowed keys: own keys first (always visible), then `num_borrowed`
+    borrowed ones, each weighted `strength` (a log-strength logit bias) and hidden where `visible` (B, N, M)
+    is False. Boolean when no weighting is needed (every fused kernel takes it), additive otherwise; None when
+    neither hides nor weighs anything."""
+    if strength == 1.0:
+        if visible is None:
+            return None
+        own = visible.new_ones(*visible.shape[:2], num_own)
+        return torch.cat([own, visible], dim=-1)[:, None]  # (B, 1, N, N + M)
+    shape = (1, 1, num_own + num_borrowed) if visible is None else (*visible.shape[:2], num_own + num_borrowed)
+    bias = torch.zeros(shape, dtype=dtype, device=visible.device if visible is not None else None)
+    bias[..., num_own:] = math.log(strength)
+    if visible is not None:
+        bias[..., num_own:] = bias[..., num_own:].masked_fill(~visible, float("-inf"))
+    return bias[:, None]  # (B or 1, 1, N or 1, N + M)
+
+
 def consistent_attention(
     attn: Attention,
     tokens: torch.Tensor,
     indices: torch.Tensor | None,
     bank_tokens: torch.Tensor | None,
     read_mask: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """CSA for one layer call: `tokens` (halves*B, N, C) -> (halves*B, N, C), before the output's reshape.
 
@@ -347,7 +398,7 @@ def consistent_attention(
     also sees the bank's tokens of its guidance half; with `read_mask` (B, N, M) a query sees only the
     bank tokens its row allows (`bank_read_mask`: each character's tokens from inside its own mask), and
     always all of its own image's tokens. Keys and values are projected once per token, then gathered,
-    so borrowed tokens cost no extra projection.
+    so borrowed tokens cost no extra projection. `strength` weighs every borrowed key (`borrowed_bias`).
     """
     query = attn.to_q(tokens)
     key = attn.to_k(tokens)
@@ -374,10 +425,10 @@ def consistent_attention(
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    mask = None
-    if read_mask is not None:  # own tokens always visible, bank tokens where the read mask allows
-        own = read_mask.new_ones(*read_mask.shape[:2], tokens.shape[1])
-        mask = torch.cat([own, read_mask], dim=-1).repeat(halves, 1, 1)[:, None]  # (halves*B, 1, N, N + M)
+    # own tokens always visible; borrowed ones where the read mask allows, weighted by `strength`
+    mask = borrowed_bias(tokens.shape[1], read_mask, strength, key.shape[2] - tokens.shape[1], query.dtype)
+    if mask is not None and read_mask is not None:
+        mask = mask.repeat(halves, 1, 1, 1)  # (halves*B, 1, N, N + M)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=attn.scale
     )

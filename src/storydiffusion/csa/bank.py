@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from storydiffusion.csa.bank_file import EntryFile, _as_bytes
+from storydiffusion.csa.bank_file import EntryFile, _as_bytes, save_tensors
 from storydiffusion.errors import BankMismatchError, StoryDiffusionError
 
 # 2: settings carry the scheduler config, CSA layers, adapters, weights probe; 3: shared-step aliases,
@@ -42,6 +42,11 @@ BANK_FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # a version-2 file is a version-3 one without the additions
 STORAGE_DTYPES = ("int8", "float16", "bfloat16", "float32", "int4")  # int4 is lossy beyond int8
 STORAGE_MODES = ("memory", "disk", "auto")
+# tensor names of the token positions (DiTs with rotary positions: Flux): each token's place among its image's
+# tokens. Files that name them "positions/" hold places in the joint text + image sequence instead, which
+# shift with the T5 text length the file does not record: they are refused (`_refuse_joint_positions`)
+_POSITIONS_PREFIX = "image_positions"
+_JOINT_POSITIONS_PREFIX = "positions"
 _INT8_MAX = 127.0
 _INT4_MAX = 7.0
 _INT4_GROUP = 64  # channels per int4 scale: one scale per token (as int8 has) loses too much at 4 bits
@@ -101,7 +106,7 @@ class BankSettings:
     """Everything a bank's tokens depend on; a bank is only valid for a run with equal settings."""
 
     model: str  # checkpoint name or folder the reference frames came from ("" when unknown)
-    unet_fingerprint: str  # hash of the UNet's config: same architecture and layer names
+    denoiser_fingerprint: str  # hash of the UNet's or transformer's config: same architecture and layer names
     scheduler: str  # scheduler class: its timesteps decide what "step i" means
     num_steps: int  # denoising loop length; banks are keyed by loop index
     height: int
@@ -112,7 +117,7 @@ class BankSettings:
     # means the same noise level only under the same config
     scheduler_config: Mapping[str, Any] = field(default_factory=dict)
     layers: tuple[str, ...] = ()  # the CSA layers the bank was written at: a run must read at all of them
-    adapters: str = ""  # the LoRA/PEFT adapters active on the UNet and text encoders, with their scales
+    adapters: str = ""  # the LoRA/PEFT adapters active on the denoiser and text encoders, with their scales
     weights_probe: tuple[float, ...] = ()  # mean |w| of probe tensors: catches other weights of one architecture
 
     def mismatches(self, other: BankSettings) -> list[str]:
@@ -139,7 +144,7 @@ class BankSettings:
             if f.name == "weights_probe":
                 if not probes_match(mine, theirs):
                     problems.append(
-                        "weights_probe: the UNet's weights differ from the bank's (another checkpoint, fine-tune "
+                        "weights_probe: the denoiser's weights differ from the bank's (another checkpoint, fine-tune "
                         "or fused LoRA of the same architecture)"
                     )
                 continue
@@ -150,6 +155,8 @@ class BankSettings:
     @classmethod
     def from_json(cls, text: str) -> BankSettings:
         data = json.loads(text)
+        if "unet_fingerprint" in data:  # written before the field's rename
+            data["denoiser_fingerprint"] = data.pop("unet_fingerprint")
         for name in ("layers", "weights_probe"):
             data[name] = tuple(data.get(name, ()))
         return cls(**data)
@@ -331,6 +338,22 @@ def check_bank_settings(character: str, bank: BankSettings, run: BankSettings, s
         )
 
 
+def _refuse_joint_positions(path: Path) -> None:
+    """Raise `BankMismatchError` for a bank file whose token positions count from the start of the joint text +
+    image sequence (written before positions were kept among the image tokens): they depend on the T5 text
+    length, which such a file does not record, so no reading call can place its keys."""
+    with safe_open(str(path), framework="pt") as handle:
+        joint = [name for name in handle.keys() if name.startswith(f"{_JOINT_POSITIONS_PREFIX}/")]
+    if joint:
+        raise BankMismatchError(
+            f"bank file {path} stores its tokens' positions as places in the joint text + image sequence "
+            f"('{_JOINT_POSITIONS_PREFIX}/...' tensors, {len(joint)} of them), which shift with the T5 text length "
+            "(max_sequence_length) the file does not record; this storydiffusion keeps each token's place among "
+            f"the image tokens ('{_POSITIONS_PREFIX}/...'). Regenerate the character: delete this file and load "
+            "its character file (.character.json) if it has one, or run its reference frames again"
+        )
+
+
 class IdentityBank:
     """Sampled reference tokens of one character, keyed by (denoising step, CSA layer name).
 
@@ -361,6 +384,8 @@ class IdentityBank:
         self.storage = as_storage(storage)
         self.compaction = compaction or BankCompaction()
         self.recipe = dict(recipe) if recipe is not None else None
+        # a character given by pictures: the pictures, fitted to the story's size (a character file saves them)
+        self.pictures: list[Any] = []
         if self.storage.mode == "disk" and self.device.type != "cpu":
             raise StoryDiffusionError(
                 f"bank_storage='disk' keeps the bank in a file and bank_device={str(self.device)!r} asks for it on "
@@ -371,8 +396,8 @@ class IdentityBank:
         self._present: dict[str, str] = {}
         self._values: dict[str, torch.Tensor] = {}  # in-memory entries
         self._scales: dict[str, torch.Tensor] = {}  # int8/int4 storage only
-        # per stored entry, where each token sat in its joint sequence (DiTs with rotary positions: Flux);
-        # int32, always in RAM (4 bytes a token against the entry's C), saved with the bank
+        # per stored entry, each token's place among its image's tokens (DiTs with rotary positions: Flux; a
+        # read adds its own text length); int32, always in RAM (4 bytes a token against the entry's C), saved
         self._positions: dict[str, torch.Tensor] = {}
         self._memory_bytes = 0
         self._disk: _DiskState | None = None  # entries on disk (all of them: a bank is in one place)
@@ -456,8 +481,9 @@ class IdentityBank:
             self._spill()
 
     def put_positions(self, step: int, layer: str, positions: torch.Tensor) -> None:
-        """Store where the tokens `put` for (step, layer) sat in their sequence: (num_tokens,) integers, in the
-        entry's token order (kept through `compaction.keep_tokens` as the tokens are)."""
+        """Store where the tokens `put` for (step, layer) sat in their image: (num_tokens,) indices among the
+        image tokens (not in the joint text + image sequence, whose text length a reading call may change), in
+        the entry's token order (kept through `compaction.keep_tokens` as the tokens are)."""
         key = _entry_key(step, layer)
         stored = self._present.get(key)
         if stored is None:
@@ -466,9 +492,27 @@ class IdentityBank:
             return  # a step sharing an earlier step's entry reads that entry's positions
         kept = keep_evenly(positions.detach()[None, :, None], self.compaction.keep_tokens)[0, :, 0]
         kept = kept.to(device="cpu", dtype=torch.int32)
-        self._digest.update(f"positions/{key}".encode())
+        self._digest.update(f"{_POSITIONS_PREFIX}/{key}".encode())
         self._digest.update(_as_bytes(kept))
         self._positions[key] = kept
+
+    def put_shared(
+        self, layer: str, tokens: torch.Tensor, steps: list[int], positions: torch.Tensor | None = None
+    ) -> None:
+        """Store one entry for `layer` that every step of `steps` reads: tokens recorded once, at a fixed noise
+        level (a picture's), serve the whole loop. Stored under the first step; the others are aliases (saved
+        and loaded as compaction's shared steps are)."""
+        if not steps:
+            return
+        first = _entry_key(steps[0], layer)
+        self.put(steps[0], layer, tokens)
+        if positions is not None:
+            self.put_positions(steps[0], layer, positions)
+        stored = self._present[first]
+        for step in steps[1:]:
+            key = _entry_key(step, layer)
+            self._present[key] = stored
+            self._digest.update(f"{key}->{stored};".encode())
 
     def get_positions(self, step: int, layer: str) -> torch.Tensor | None:
         """The positions stored for (step, layer)'s entry (`put_positions`), or None."""
@@ -609,16 +653,14 @@ class IdentityBank:
             metadata["recipe"] = json.dumps(self.recipe)
         if self._disk is not None:
             for key, positions in self._positions.items():
-                if f"positions/{key}" not in self._disk.file.locations:
-                    self._disk.file.append(f"positions/{key}", positions)
+                if f"{_POSITIONS_PREFIX}/{key}" not in self._disk.file.locations:
+                    self._disk.file.append(f"{_POSITIONS_PREFIX}/{key}", positions)
             self._disk.swap(self._disk.file.save_safetensors(path, metadata))
             return path
         tensors = {f"values/{k}": v.contiguous().cpu() for k, v in self._values.items()}
         tensors |= {f"scales/{k}": s.contiguous().cpu() for k, s in self._scales.items()}
-        tensors |= {f"positions/{k}": p.contiguous() for k, p in self._positions.items()}
-        tmp = path.with_name(path.name + ".partial")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)  # an interrupted save never leaves a half-written bank behind
+        tensors |= {f"{_POSITIONS_PREFIX}/{k}": p.contiguous() for k, p in self._positions.items()}
+        save_tensors(path, tensors, metadata)  # atomic: a failed save leaves no half-written bank behind
         return path
 
     @staticmethod
@@ -662,6 +704,7 @@ class IdentityBank:
                 f"{path} uses bank format version {version}; this storydiffusion reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))}: regenerate the character"
             )
+        _refuse_joint_positions(path)
         settings = BankSettings.from_json(metadata["settings"])
         compaction = BankCompaction(**json.loads(metadata.get("compaction", "{}")))
         recipe = json.loads(metadata["recipe"]) if "recipe" in metadata else None
@@ -671,10 +714,10 @@ class IdentityBank:
         )
         if lazily:
             names = list(bank._open_disk(EntryFile.open_safetensors(path)[0]).file.locations)
-            if any(name.startswith("positions/") for name in names):
+            if any(name.startswith(f"{_POSITIONS_PREFIX}/") for name in names):
                 with safe_open(str(path), framework="pt") as handle:
                     for name in names:
-                        if name.startswith("positions/"):
+                        if name.startswith(f"{_POSITIONS_PREFIX}/"):
                             bank._positions[name.split("/", 1)[1]] = handle.get_tensor(name)
         else:
             try:
@@ -683,7 +726,7 @@ class IdentityBank:
                 raise StoryDiffusionError(f"bank file {path} is not a readable safetensors file: {error}") from error
             for name, tensor in tensors.items():
                 kind, key = name.split("/", 1)
-                if kind == "positions":
+                if kind == _POSITIONS_PREFIX:
                     bank._positions[key] = tensor.cpu()
                     continue
                 (bank._values if kind == "values" else bank._scales)[key] = tensor

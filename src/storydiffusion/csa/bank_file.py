@@ -14,6 +14,7 @@ import os
 import struct
 import tempfile
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +22,7 @@ from typing import BinaryIO
 import torch
 
 from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.files import write_atomically
 
 # safetensors' names for the dtypes a bank stores
 SAFETENSORS_DTYPES = {
@@ -55,6 +57,45 @@ class Location:
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
     """A CPU tensor's bytes without a copy (bfloat16 has no numpy dtype: go through uint8)."""
     return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def safetensors_header(tensors: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """The start of a safetensors file whose tensors (name, dtype, shape) follow it in this order: the header's
+    length and its JSON, padded with spaces to a multiple of 8 bytes as safetensors writes it."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    position = 0
+    for name, dtype, shape in tensors:
+        nbytes = Location(0, dtype, tuple(shape)).nbytes
+        offsets = [position, position + nbytes]
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": offsets}
+        position += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % _HEADER_ALIGNMENT)
+    return struct.pack("<Q", len(text)) + text
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write CPU `tensors` and `metadata` as a safetensors file at `path` (through `files.write_atomically`:
+    a failed save leaves nothing behind and says why). Written here rather than by `safetensors.save_file`,
+    whose I/O failures are not `OSError`s and which reports none on some devices."""
+    path = Path(path)
+    items = [(name, tensor.contiguous()) for name, tensor in tensors.items()]
+    for name, tensor in items:
+        if tensor.dtype not in SAFETENSORS_DTYPES or tensor.device.type != "cpu":
+            raise StoryDiffusionError(f"a bank file holds CPU tensors of {list(SAFETENSORS_DTYPES)}; {name} is not one")
+    header = safetensors_header([(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in items], metadata)
+
+    def write(target: Path) -> None:
+        with open(target, "wb", buffering=0) as out:
+            writer = EntryFile(out, {}, 0)
+            writer._write_at(0, memoryview(header))
+            offset = len(header)
+            for _, tensor in items:
+                if tensor.numel():
+                    writer._write_at(offset, _as_bytes(tensor))
+                offset += tensor.numel() * tensor.element_size()
+
+    write_atomically(path, write, nbytes=len(header) + sum(t.numel() * t.element_size() for _, t in items))
 
 
 class EntryFile:
@@ -180,27 +221,21 @@ class EntryFile:
         return buffer.view(location.dtype).view(shape)
 
     def save_safetensors(self, path: str | Path, metadata: dict[str, str]) -> EntryFile:
-        """Write every tensor, in file order, and `metadata` as a safetensors file at `path` (through a
-        `.partial` name, so an interrupted save leaves nothing half-written); return a reader on it."""
+        """Write every tensor, in file order, and `metadata` as a safetensors file at `path` (through
+        `files.write_atomically`: a failed save leaves nothing behind); return a reader on it."""
         path = Path(path)
         ordered = sorted(self.locations.items(), key=lambda item: item[1].offset)
-        header: dict[str, object] = {"__metadata__": metadata}
-        position = 0
-        for name, location in ordered:
-            shape = list(location.shape)
-            dtype = SAFETENSORS_DTYPES[location.dtype]
-            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [position, position + location.nbytes]}
-            position += location.nbytes
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % _HEADER_ALIGNMENT)
-        tmp = path.with_name(path.name + ".partial")
-        with open(tmp, "wb", buffering=0) as out:
-            EntryFile(out, {}, 0)._write_at(0, memoryview(struct.pack("<Q", len(text)) + text))
-            written = 8 + len(text)
-            for _, location in ordered:
-                self._copy_to(out, location.offset, location.nbytes, written)
-                written += location.nbytes
-        tmp.replace(path)
+        header = safetensors_header([(name, location.dtype, location.shape) for name, location in ordered], metadata)
+
+        def write(target: Path) -> None:
+            with open(target, "wb", buffering=0) as out:
+                EntryFile(out, {}, 0)._write_at(0, memoryview(header))
+                written = len(header)
+                for _, location in ordered:
+                    self._copy_to(out, location.offset, location.nbytes, written)
+                    written += location.nbytes
+
+        write_atomically(path, write, nbytes=len(header) + sum(location.nbytes for _, location in ordered))
         return EntryFile.open_safetensors(path)[0]
 
     def _copy_to(self, out: BinaryIO, offset: int, count: int, out_offset: int) -> None:

@@ -1,12 +1,19 @@
-"""The CSA controller: installs Consistent Self-Attention on a UNet and owns all of its run state.
+"""The CSA controller: installs Consistent Self-Attention on a denoiser (a UNet, or a Flux / SD3 transformer)
+and owns all of its run state.
 
 One controller per pipeline, owned by the caller — nothing lives at module level, so two
 pipelines (or two UI sessions) in one process never see each other's state. The pipeline tells
 the controller what phase it is in (`begin_mutual` / `begin_read`) and which timesteps its
-denoising loop runs; a forward pre-hook on the UNet reads the timestep of each UNet call and looks
+denoising loop runs; a forward pre-hook on the denoiser reads the timestep of each call and looks
 up its step there, so the step is never counted: the user's `callback_on_step_end`, `denoising_end`,
-second-order schedulers (which call the UNet twice per step) and pipelines that call the UNet more
+second-order schedulers (which call the denoiser twice per step) and pipelines that call it more
 than once a step all see the same step for the same timestep. The processors only ask.
+
+In the reference and frame phases the first call at a step is the step's own; a later call at the same
+step (a second-order scheduler's correction, SD3's skip-layer guidance pass on the conditional half) writes
+nothing to the bank and lends the tokens the first call drew at each layer, so it changes neither what is
+stored nor the phase's random stream; it reads the bank as its batch's guidance halves do (a
+conditional-only batch: the conditional half).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from storydiffusion.csa.regions import RegionalCrossAttnProcessor, regional_addi
 from storydiffusion.csa.subjects import SubjectMapRecorder, SubjectMaps
 from storydiffusion.errors import StoryDiffusionError
 
-Mode = Literal["off", "mutual", "read"]
+Mode = Literal["off", "mutual", "read", "record"]
 
 
 def denoising_timesteps(scheduler: Any, num_inference_steps: int, **set_timesteps_kwargs: Any) -> list[float]:
@@ -114,7 +121,7 @@ def select_layers(model: Any, config: CSAConfig) -> dict[str, int]:
 
 
 class ConsistentAttention:
-    """Consistent Self-Attention for one UNet: the install/uninstall pair and the run state.
+    """Consistent Self-Attention for one denoiser (UNet or DiT): the install/uninstall pair and the run state.
 
     >>> csa = ConsistentAttention(CSAConfig(rate=0.5))
     >>> with csa.installed(pipe.unet):
@@ -145,6 +152,8 @@ class ConsistentAttention:
         self.generator: torch.Generator | None = None
         self.gates: dict[str, list[bool]] = {}
         self.write_bank: IdentityBank | None = None
+        # record phase at a fixed noise level: per layer, the loop steps its one entry serves
+        self.shared_steps: dict[str, list[int]] | None = None
         self.read_banks: tuple[IdentityBank, ...] = ()
         # per image of the call: character -> boolean (H, W) subject mask over the frame; None: unmasked reads
         self.read_masks: tuple[Mapping[str, torch.Tensor], ...] | None = None
@@ -156,6 +165,15 @@ class ConsistentAttention:
         )
         self.prompt_regions = None
         self._region_mask_cache: dict[tuple, torch.Tensor] = {}
+        # per dtype a denoiser call got its timestep in: the schedule rounded as the call's was, and how far
+        # from each entry a call may land (`step_of`)
+        self._called_schedules: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.repeated_call = False  # a later call at the step of the previous one (see the module docstring)
+        self._called_step: int | None = None
+        # the step's first call's token draws per layer, lent again by repeated calls; the layer is the one that
+        # asked `wants_csa` last, as every processor asks right before it draws
+        self._asking_layer: str | None = None
+        self._step_draws: dict[str, torch.Tensor | None] = {}
         self._remove_recorders()
 
     def __repr__(self) -> str:
@@ -170,18 +188,19 @@ class ConsistentAttention:
     def is_installed(self) -> bool:
         return self._unet is not None
 
-    def install(self, unet: Any) -> None:
-        """Put CSA processors on the selected self-attention layers, remembering the originals."""
+    def install(self, denoiser: Any) -> None:
+        """Put CSA processors on the selected self-attention layers of `denoiser` (a UNet or a DiT), remembering
+        the originals."""
         if self.is_installed:
             raise StoryDiffusionError("this ConsistentAttention is already installed; call uninstall() first")
-        originals = unet.attn_processors
+        originals = denoiser.attn_processors
         if any(isinstance(p, ConsistentSelfAttnProcessor | JointConsistentAttnProcessor) for p in originals.values()):
             raise StoryDiffusionError(
-                f"this {type(unet).__name__} already runs Consistent Self-Attention from another controller; "
+                f"this {type(denoiser).__name__} already runs Consistent Self-Attention from another controller; "
                 "uninstall that one first"
             )
-        self.kind = model_kind(unet)
-        self.layers = select_layers(unet, self.config)
+        self.kind = model_kind(denoiser)
+        self.layers = select_layers(denoiser, self.config)
         processors = dict(originals)
         for name, level in self.layers.items():
             key = f"{name}.processor"
@@ -192,11 +211,11 @@ class ConsistentAttention:
                 processors[key] = JointConsistentAttnProcessor(
                     name, rate, self, originals[key], self.config.positions, self.config.text_sees_borrowed, self.kind
                 )
-        unet.set_attn_processor(processors)
+        denoiser.set_attn_processor(processors)
         # Flux's pipeline calls its transformer with the timestep / 1000 (the transformer multiplies it back)
         self._timestep_scale = 1000.0 if self.kind == "flux" else 1.0
-        self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
-        self._unet, self._originals = unet, originals
+        self._hook = denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
+        self._unet, self._originals = denoiser, originals
 
     def uninstall(self) -> None:
         """Restore exactly the processors that were there before `install`."""
@@ -209,8 +228,8 @@ class ConsistentAttention:
         self.reset()
 
     @contextmanager
-    def installed(self, unet: Any) -> Iterator[ConsistentAttention]:
-        self.install(unet)
+    def installed(self, denoiser: Any) -> Iterator[ConsistentAttention]:
+        self.install(denoiser)
         try:
             yield self
         finally:
@@ -228,7 +247,7 @@ class ConsistentAttention:
     ) -> None:
         """Reference phase: the `images_per_call` images of each call share tokens; optionally fill `bank`.
 
-        `timesteps`: the loop's distinct timesteps (`denoising_timesteps`); each UNet call's step is the
+        `timesteps`: the loop's distinct timesteps (`denoising_timesteps`); each denoiser call's step is the
         position of its timestep there. A number of steps instead leaves the step to `set_step`.
         With `config.subject_only`, `subject_tokens` (per image, the character's description token
         positions) and the latent `frame_shape`: only tokens inside each image's inferred subject mask are
@@ -244,6 +263,34 @@ class ConsistentAttention:
                     "CSAConfig(subject_only=True) needs subject_tokens (one mapping per image) and the frame_shape"
                 )
             self._start_subject_maps(subject_tokens, frame_shape)
+
+    def begin_record(
+        self,
+        timesteps: Sequence[float],
+        images_per_call: int,
+        generator: torch.Generator,
+        bank: IdentityBank,
+        read_at_steps: int | None = None,
+    ) -> None:
+        """Picture phase: each denoiser call's images (pictures of one character, noised) lend `rate` of their
+        tokens to `bank`, as reference images would, while their own attention stays plain (no picture reads
+        another).
+
+        `timesteps`: the timesteps the calls are made at. With `read_at_steps` (a fixed noise level: one call at
+        one timestep), every layer records once and the entry serves each (step, layer) of a loop of that many
+        steps where the CSA schedule runs (gates drawn as a reference phase draws them); without, the calls run
+        the loop's own timesteps and record where the schedule's gates say, a step bank as a reference phase
+        writes."""
+        self._begin("record", timesteps, images_per_call)
+        self.generator = generator
+        self.write_bank = bank
+        if read_at_steps is None:
+            self.gates = self.draw_gates(self.num_steps, generator)
+            self.shared_steps = None
+        else:
+            loop_gates = self.draw_gates(read_at_steps, generator)
+            self.gates = {name: [True] * self.num_steps for name in self.layers}
+            self.shared_steps = {name: [s for s, on in enumerate(row) if on] for name, row in loop_gates.items()}
 
     def begin_read(
         self,
@@ -290,7 +337,7 @@ class ConsistentAttention:
 
     def _begin(self, mode: Mode, timesteps: Sequence[float] | int, images_per_call: int) -> None:
         if not self.is_installed:
-            raise StoryDiffusionError("install ConsistentAttention on a UNet before starting a phase")
+            raise StoryDiffusionError("install ConsistentAttention on a denoiser before starting a phase")
         self.reset()
         if isinstance(timesteps, int):
             num_steps = timesteps
@@ -312,30 +359,67 @@ class ConsistentAttention:
         """Set the step by hand (a phase begun with a number of steps instead of timesteps)."""
         self.step = step
 
-    def step_of(self, timestep: float) -> int:
-        """The step whose timestep is `timestep` (the nearest one of the phase's timesteps)."""
-        distances = (self.timesteps - timestep).abs()
+    def step_of(self, timestep: torch.Tensor | float) -> int:
+        """The step of a denoiser call at `timestep`, given as the denoiser got it (Flux's transformer: the
+        scheduler's timestep / 1000). A tensor's dtype says how the pipeline rounded it (FluxPipeline casts the
+        timestep to the latents' dtype before dividing: 761.5 arrives as 761.7 in bfloat16): the call matches
+        the phase's timestep nearest to it, rounded the same way, within what rounding in that dtype could move
+        it and never past half the gap to its neighbours; a call farther from every timestep is refused."""
+        called = torch.as_tensor(timestep).flatten()[0]
+        schedule, tolerance = self._schedule_as_called(called.dtype)
+        value = float(called) * self._timestep_scale
+        distances = (schedule - value).abs()
         step = int(distances.argmin())
-        if distances[step] > 1e-3 * max(1.0, abs(timestep)):
+        if distances[step] > tolerance[step]:
             raise StoryDiffusionError(
-                f"the UNet was called at timestep {timestep:g}, which is not among this phase's "
+                f"the denoiser was called at timestep {value:g}, which is not among this phase's "
                 f"{self.num_steps} timesteps ({self.timesteps[0].item():g} ... {self.timesteps[-1].item():g}); "
                 "begin the phase with the timesteps the pipeline's scheduler runs (denoising_timesteps)"
             )
         return step
 
-    def _on_unet_call(self, unet: Any, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook: the step of this UNet call, from the timestep it is called with; while masks are
-        inferred, the masks from the maps recorded so far."""
+    def _schedule_as_called(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The phase's timesteps as a call in `dtype` gets them (the scheduler's float32 cast to `dtype`, then
+        scaled as the pipeline scales them), on the scheduler's scale; and per step how far a call may land
+        from it: a relative 1e-3, or `dtype`'s rounding if coarser (a pipeline that rounds in another order), at
+        most half the gap to its nearest neighbour. Raises when `dtype` rounds two steps together."""
+        if dtype not in self._called_schedules:
+            schedule = self.timesteps
+            if dtype.is_floating_point and dtype != torch.float64:
+                schedule = (schedule.float().to(dtype) / self._timestep_scale).double() * self._timestep_scale
+            gaps = schedule.diff().abs()
+            if len(gaps) and not bool(gaps.min() > 0):
+                step = int(gaps.argmin())
+                raise StoryDiffusionError(
+                    f"at {self.num_steps} steps the denoiser's {str(dtype).removeprefix('torch.')} timesteps cannot "
+                    f"tell steps {step} and {step + 1} apart ({self.timesteps[step].item():g} and "
+                    f"{self.timesteps[step + 1].item():g} both arrive as {schedule[step].item():g}); run fewer steps "
+                    "or the model in float32"
+                )
+            rounding = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+            tolerance = torch.maximum(1e-3 * schedule.abs().clamp_min(1.0), rounding * schedule.abs())
+            if len(gaps):
+                half_gaps = torch.minimum(torch.cat([gaps[:1], gaps]), torch.cat([gaps, gaps[-1:]])) / 2
+                tolerance = torch.minimum(tolerance, half_gaps)
+            self._called_schedules[dtype] = (schedule, tolerance)
+        return self._called_schedules[dtype]
+
+    def _on_denoiser_call(self, denoiser: Any, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: the step of this denoiser call, from the timestep it is called with, and whether
+        the previous call was at that step; while masks are inferred, the masks from the maps recorded so far."""
         if self.mode == "off" or self.timesteps is None:
             return None
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1] if len(args) > 1 else None
         if timestep is not None:
-            self.step = self.step_of(float(torch.as_tensor(timestep).flatten()[0]) * self._timestep_scale)
+            self.step = self.step_of(timestep)
+            self.repeated_call = self.mode in ("mutual", "read") and self.step == self._called_step
+            if not self.repeated_call:
+                self._called_step, self._step_draws = self.step, {}
         text = kwargs.get("encoder_hidden_states")
         if text is not None:  # a single-stream DiT block sees [text ; image] as one sequence
             self.text_tokens = text.shape[1]
-        if self.subject_maps is not None and self.subject_maps.grid is not None and self._refreshing_masks():
+        refresh = self.subject_maps is not None and self.subject_maps.grid is not None and self._refreshing_masks()
+        if refresh and not self.repeated_call:  # a repeated call reads with its step's masks
             self.read_masks = tuple(self.subject_maps.masks(self.config.mask_dilation))
             self._owner_cache.clear()
         return None
@@ -347,7 +431,19 @@ class ConsistentAttention:
 
     def mutual_indices(self, num_images: int, num_tokens: int, rate: float) -> torch.Tensor | None:
         """(B, k) tokens each image lends at this call: `rate` of its tokens, or with `config.subject_only`
-        `rate` of the smallest subject mask's tokens, drawn inside each image's mask; None: nothing lent."""
+        `rate` of the smallest subject mask's tokens, drawn inside each image's mask; None: nothing lent.
+        A repeated call at a step lends what the step's first call drew at the layer (nothing new is drawn)."""
+        layer = self._asking_layer
+        if self.repeated_call and layer in self._step_draws:
+            drawn = self._step_draws[layer]
+            if drawn is None or drawn.shape[0] == num_images:
+                return drawn
+        indices = self._draw_indices(num_images, num_tokens, rate)
+        if not self.repeated_call and layer is not None:
+            self._step_draws[layer] = indices
+        return indices
+
+    def _draw_indices(self, num_images: int, num_tokens: int, rate: float) -> torch.Tensor | None:
         if self.subject_maps is None:
             num_samples = num_sampled_tokens(num_tokens, rate)
             return self.sample_indices(num_images, num_tokens, num_samples) if num_samples else None
@@ -367,8 +463,9 @@ class ConsistentAttention:
         return self.step <= max(1, round(self.config.mask_until * self.num_steps))
 
     def recording_maps(self) -> SubjectMaps | None:
-        """The maps the cross-attention recorders add to at this step, or None when they should not."""
-        if self.mode == "off" or self.subject_maps is None or not self._refreshing_masks():
+        """The maps the cross-attention recorders add to at this step, or None when they should not (a repeated
+        call at a step adds nothing: the step's maps come from its first call)."""
+        if self.mode == "off" or self.subject_maps is None or self.repeated_call or not self._refreshing_masks():
             return None
         return self.subject_maps
 
@@ -402,7 +499,8 @@ class ConsistentAttention:
         return halves
 
     def wants_csa(self, layer: str) -> bool:
-        if self.mode == "mutual":
+        self._asking_layer = layer
+        if self.mode in ("mutual", "record"):
             return self.gates[layer][self.step] if self.step < self.num_steps else False
         if self.mode == "read":
             return any((self.step, layer) in bank for bank in self.read_banks)
@@ -418,11 +516,16 @@ class ConsistentAttention:
 
     def write(self, layer: str, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Store this step's sampled tokens (halves, M, C) of `layer`; `positions` (M,): where each token sat
-        in its joint sequence (a DiT with rotary positions needs them to rotate the keys at read time)."""
-        if self.write_bank is not None:
-            self.write_bank.put(self.step, layer, tokens)
-            if positions is not None:
-                self.write_bank.put_positions(self.step, layer, positions)
+        in its joint sequence (a DiT with rotary positions needs them to rotate the keys at read time).
+        A repeated call at a step stores nothing: the entry is the step's first call's (every guidance half)."""
+        if self.write_bank is None or self.repeated_call:
+            return
+        if self.shared_steps is not None:  # one entry for the whole loop (a picture at a fixed noise level)
+            self.write_bank.put_shared(layer, tokens, self.shared_steps[layer], positions)
+            return
+        self.write_bank.put(self.step, layer, tokens)
+        if positions is not None:
+            self.write_bank.put_positions(self.step, layer, positions)
 
     def read_mask(self, layer: str, num_tokens: int, device: torch.device) -> torch.Tensor | None:
         """(B, N, M) which of this (step, layer)'s bank tokens (in `read` order) each query token may read;

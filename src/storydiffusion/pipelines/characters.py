@@ -104,6 +104,14 @@ class CharacterRecipe:
     unrecorded: tuple[str, ...] = ()  # arguments a JSON file cannot hold (control images...): no regeneration
     bank_digest: str = ""  # sha256 of the bank the reference phase wrote ("" unknown)
     software: Mapping[str, str] = field(default_factory=dict)  # torch, diffusers, device, dtype: why a bank may differ
+    # a character given by pictures (no reference frames): each fitted picture's pixel digest, the PNG files
+    # beside the character file that hold them, the negative prompt and the seed of the noise they were read at
+    pictures: tuple[str, ...] = ()
+    picture_files: tuple[str, ...] = ()
+    negative_prompt: str = ""
+    noise_seed: int = 0
+    # the pictures themselves (PIL images), carried from the bank or read from `picture_files`; not in the JSON
+    picture_images: tuple[Any, ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def from_bank(cls, bank: IdentityBank) -> CharacterRecipe:
@@ -113,11 +121,13 @@ class CharacterRecipe:
                 f"the identity bank of {bank.character!r} carries no recipe (made by hand, or loaded from a file "
                 "written before character files existed); save the bank itself with bank.save(...)"
             )
-        return cls.from_dict({**bank.recipe, "bank_digest": bank.digest})
+        recipe = cls.from_dict({**bank.recipe, "bank_digest": bank.digest})
+        return dataclasses.replace(recipe, picture_images=tuple(getattr(bank, "pictures", None) or ()))
 
     # -- JSON ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = dataclasses.asdict(dataclasses.replace(self, picture_images=()))
+        del data["picture_images"]
         data["settings"] = dataclasses.asdict(self.settings)
         return {"format": CHARACTER_FORMAT, "version": CHARACTER_FORMAT_VERSION, **json.loads(json.dumps(data))}
 
@@ -138,15 +148,30 @@ class CharacterRecipe:
             data["references"] = tuple(ReferenceFrame(**reference) for reference in data["references"])
             data["settings"] = BankSettings.from_json(json.dumps(data["settings"]))
             data["unrecorded"] = tuple(data.get("unrecorded", ()))
+            data["pictures"] = tuple(data.get("pictures", ()))
+            data["picture_files"] = tuple(data.get("picture_files", ()))
             return cls(**data)
         except (TypeError, ValueError) as error:
             raise StoryDiffusionError(f"{source}: a malformed field ({error}); regenerate the character file") from None
 
     def save(self, path: str | Path) -> Path:
-        """Write the character file (through a temporary name: never half a file)."""
+        """Write the character file (through a temporary name: never half a file); a picture character's
+        pictures go beside it as PNG files (`Name.picture-1.png`, ...), which it names."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n"
+        recipe = self
+        if self.pictures:
+            if len(self.picture_images) != len(self.pictures):
+                raise StoryDiffusionError(
+                    f"the recipe of {self.character!r} holds {len(self.pictures)} picture digests but "
+                    f"{len(self.picture_images)} pictures; make it with CharacterRecipe.from_bank(bank)"
+                )
+            stem = path.name.removesuffix(CHARACTER_SUFFIX) if path.name.endswith(CHARACTER_SUFFIX) else path.stem
+            names = tuple(f"{stem}.picture-{i + 1}.png" for i in range(len(self.pictures)))
+            for name, image in zip(names, self.picture_images):
+                write_atomically(path.with_name(name), lambda target, image=image: image.save(target, format="PNG"))
+            recipe = dataclasses.replace(self, picture_files=names)
+        text = json.dumps(recipe.to_dict(), indent=1, ensure_ascii=False) + "\n"
         write_atomically(path, lambda target: target.write_text(text, encoding="utf-8"))
         return path
 
@@ -166,7 +191,39 @@ class CharacterRecipe:
                 f"character file {path} has version {data.get('version')!r}; this storydiffusion reads version "
                 f"{CHARACTER_FORMAT_VERSION}: regenerate the character"
             )
-        return cls.from_dict(data, source=f"character file {path}")
+        recipe = cls.from_dict(data, source=f"character file {path}")
+        return recipe._with_pictures_beside(path) if recipe.pictures else recipe
+
+    def _with_pictures_beside(self, path: Path) -> CharacterRecipe:
+        """The recipe with its pictures read from the PNG files beside the character file, each checked against
+        its digest (a changed picture would make another character)."""
+        from PIL import Image
+
+        from storydiffusion.pipelines.pictures import pixels_digest
+
+        if len(self.picture_files) != len(self.pictures):
+            raise BankMismatchError(
+                f"character file {path}: field picture_files names {len(self.picture_files)} files for "
+                f"{len(self.pictures)} pictures; save the character again"
+            )
+        images = []
+        for index, (name, digest) in enumerate(zip(self.picture_files, self.pictures)):
+            file = path.with_name(name)
+            try:
+                with Image.open(file) as opened:
+                    image = opened.convert("RGB")
+            except OSError as error:
+                raise StoryDiffusionError(
+                    f"character file {path}: cannot read its picture {index + 1} ({file}): {error}; keep the "
+                    "character's PNG files beside its character file"
+                ) from None
+            if pixels_digest(image) != digest:
+                raise BankMismatchError(
+                    f"character file {path}: field pictures[{index}]: {file} is not the picture the character was "
+                    "made from (its pixels changed); restore it or make the character again from the new picture"
+                )
+            images.append(image)
+        return dataclasses.replace(self, picture_images=tuple(images))
 
     # -- regeneration ----------------------------------------------------------------------------------
     def regenerate(
@@ -207,6 +264,8 @@ class CharacterRecipe:
                 + "; ".join(problems).replace("bank=", "recipe=")
                 + f". Load the model it was made with ({self.settings.model or 'see its settings'}) to regenerate it"
             )
+        if self.pictures:
+            return self._regenerate_from_pictures(clone, settings, where)
         infos = [
             FrameInfo(i, reference.prompt, reference.negative_prompt, reference.seed, (self.character,), "reference")
             for i, reference in enumerate(self.references)
@@ -226,17 +285,57 @@ class CharacterRecipe:
                 self.character, self.description, indices, infos, self.sampler_seed, settings, common, images
             )
             clone.csa.end()
-        exact = bank.digest == self.bank_digest if self.bank_digest else None
-        if exact is False:
-            now = software_info(story)
-            differs = [f"{k}: then {v!r}, now {now.get(k)!r}" for k, v in self.software.items() if now.get(k) != v]
-            warnings.warn(
-                f"{where}: the regenerated bank of {self.character!r} differs from the original "
-                f"({'; '.join(differs) or 'same software and device: nondeterministic kernels?'}); its frames will "
-                "be close to the original run's, not equal",
-                stacklevel=2,
+        return RegeneratedCharacter(bank, images, _check_digest(self, bank, story, where))
+
+    def _regenerate_from_pictures(self, clone: StoryPipeline, settings: BankSettings, where: str):
+        from storydiffusion.pipelines.pictures import fit_picture
+
+        if len(self.picture_images) != len(self.pictures):
+            raise StoryDiffusionError(
+                f"{where}: {self.character!r} is made from {len(self.pictures)} pictures, and "
+                f"{len(self.picture_images)} are at hand; load it with CharacterRecipe.load(path) beside its PNG files"
             )
-        return RegeneratedCharacter(bank, images, exact)
+        pictures = [
+            fit_picture(image, self.height, self.width, f"picture {i + 1} of {self.character!r}")[0]
+            for i, image in enumerate(self.picture_images)
+        ]
+        for index, (picture, digest) in enumerate(zip(pictures, self.pictures)):
+            if picture.digest != digest:
+                raise BankMismatchError(
+                    f"{where}: field pictures[{index}]: picture {index + 1} of {self.character!r} is not the one it "
+                    "was made from; restore it or make the character again"
+                )
+        common = dict(
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            height=self.height,
+            width=self.width,
+            output_type="latent",
+            **self.pipeline_kwargs,
+        )
+        with clone.csa.installed(clone.denoiser):
+            bank = clone.picture_bank(
+                self.character, self.description, pictures, settings, common, self.negative_prompt,
+                self.sampler_seed, self.noise_seed,
+            )  # fmt: skip
+            clone.csa.end()
+        images = [picture.image for picture in pictures]
+        return RegeneratedCharacter(bank, images, _check_digest(self, bank, clone, where))
+
+
+def _check_digest(recipe: CharacterRecipe, bank: IdentityBank, story: StoryPipeline, where: str) -> bool | None:
+    """Whether the regenerated bank is the recorded one (None: none recorded); warns, saying why, when not."""
+    exact = bank.digest == recipe.bank_digest if recipe.bank_digest else None
+    if exact is False:
+        now = software_info(story)
+        differs = [f"{k}: then {v!r}, now {now.get(k)!r}" for k, v in recipe.software.items() if now.get(k) != v]
+        warnings.warn(
+            f"{where}: the regenerated bank of {recipe.character!r} differs from the original "
+            f"({'; '.join(differs) or 'same software and device: nondeterministic kernels?'}); its frames will "
+            "be close to the original run's, not equal",
+            stacklevel=3,
+        )
+    return exact
 
 
 @dataclass
@@ -296,6 +395,25 @@ def character_recipe(
     )
     data = recipe.to_dict()
     del data["bank_digest"]  # known once the phase has run: `from_bank` adds it
+    return data
+
+
+def picture_recipe(
+    story: StoryPipeline,
+    name: str,
+    description: str,
+    pictures: Sequence[Any],
+    negative_prompt: str,
+    sampler_seed: int,
+    noise_seed: int,
+    settings: BankSettings,
+    common: Mapping[str, Any],
+    control_images: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """The recipe of a bank made from pictures (`pipelines.pictures.Picture`, fitted), as JSON (no digest yet)."""
+    data = character_recipe(story, name, description, (), sampler_seed, settings, common, control_images)
+    digests = [picture.digest for picture in pictures]
+    data.update(pictures=digests, negative_prompt=negative_prompt, noise_seed=noise_seed)
     return data
 
 

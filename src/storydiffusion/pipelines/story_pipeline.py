@@ -45,6 +45,16 @@ from storydiffusion.csa.controller import ConsistentAttention, denoising_timeste
 from storydiffusion.csa.masks import box_mask
 from storydiffusion.errors import StoryDiffusionError
 from storydiffusion.pipelines.frames import Frame, FrameSyntaxError, check_regions, parse_frame
+from storydiffusion.pipelines.pictures import (
+    Picture,
+    denoiser_input,
+    encode_pictures,
+    fit_character_pictures,
+    fixed_level_timestep,
+    images_as_pixels,
+    noised,
+    picture_pixels,
+)
 from storydiffusion.pipelines.prompts import (
     encode_frames,
     needs_own_encoding,
@@ -146,9 +156,9 @@ def frame_seed(seed: int, index: int, same_initial_noise: bool = False) -> int:
     return seed if same_initial_noise else seed + index
 
 
-def unet_fingerprint(unet: Any) -> str:
+def denoiser_fingerprint(denoiser: Any) -> str:
     """A short hash of the denoiser's (UNet's or transformer's) public config: same architecture and layer names."""
-    return hashlib.sha256(json.dumps(public_config(unet.config), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(public_config(denoiser.config), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def public_config(config: Any) -> dict[str, Any]:
@@ -157,16 +167,37 @@ def public_config(config: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def weights_probe(unet: Any, count: int = 64) -> tuple[float, ...]:
-    """Mean |w| of `count` weight tensors spread over the UNet plus every attention projection: equal for
+def weights_probe(denoiser: Any, count: int = 64) -> tuple[float, ...]:
+    """Mean |w| of `count` weight tensors spread over the denoiser plus every attention projection: equal for
     the same weights in any dtype, different for another fine-tune, or a LoRA fused into the weights."""
     # PEFT wraps a LoRA'd layer's own weight as `base_layer`: the same tensor under the same name
-    named = sorted((n.replace(".base_layer", ""), p) for n, p in unet.named_parameters() if "lora_" not in n)
+    named = sorted((n.replace(".base_layer", ""), n) for n, _ in denoiser.named_parameters() if "lora_" not in n)
     spread = {n for n, _ in named[:: max(1, len(named) // count)]}
     attention = {n for n, _ in named if n.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))}
-    chosen = [p for n, p in named if n in spread | attention]
-    means = torch.stack([p.detach().float().abs().mean() for p in chosen]).cpu()  # one device sync
+    chosen = [name for n, name in named if n in spread | attention]
+    means = [_mean_abs_weight(denoiser, name) for name in chosen]  # offloaded ones on the CPU, others in place
+    means = torch.stack([m.to(means[0].device) for m in means]).cpu()  # one device sync
     return tuple(float(f"{m:.7g}") for m in means.tolist())
+
+
+def _mean_abs_weight(model: Any, name: str) -> torch.Tensor:
+    """Mean |w| of parameter `name` of `model`. Sequential CPU offload (accelerate) keeps weights on the meta
+    device between calls: those are read where the module's offload hook keeps them (its `weights_map`)."""
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    weight = getattr(module, attribute)
+    if weight.device.type == "meta":
+        hook = getattr(module, "_hf_hook", None)
+        maps = [getattr(h, "weights_map", None) for h in getattr(hook, "hooks", (hook,))]  # a SequentialHook's too
+        maps = [m for m in maps if m is not None]
+        if not maps:
+            raise StoryDiffusionError(
+                f"the denoiser's weight {name} is on the meta device and no accelerate offload hook holds it, so the "
+                "bank's weights probe cannot read it; load the model's weights (or offload it with diffusers' "
+                "enable_sequential_cpu_offload / enable_model_cpu_offload)"
+            )
+        weight = maps[0][attribute]
+    return weight.detach().float().abs().mean()
 
 
 def active_adapters(**models: Any) -> str:
@@ -220,6 +251,11 @@ class StoryPipeline:
         self.bank_compaction = bank_compaction or BankCompaction()
         self.kind = model_kind(self.denoiser)
         select_layers(self.denoiser, self.csa.config)  # fail now, not at the first call
+        if self.kind != "unet" and self.csa.config.reference_strength != 1.0:
+            raise StoryDiffusionError(
+                f"CSAConfig(reference_strength={self.csa.config.reference_strength}) weighs borrowed keys in a UNet's "
+                "self-attention; the joint attention of Flux and SD3 does not take it yet: leave it at 1"
+            )
 
     @classmethod
     def from_pretrained(
@@ -318,7 +354,7 @@ class StoryPipeline:
         denoiser = self.denoiser
         return BankSettings(
             model=self.pipe.name_or_path or "",
-            unet_fingerprint=unet_fingerprint(denoiser),
+            denoiser_fingerprint=denoiser_fingerprint(denoiser),
             scheduler=type(self.pipe.scheduler).__name__,
             num_steps=len(self.denoising_timesteps(num_inference_steps, height, width)),
             height=height or default_height,
@@ -484,6 +520,7 @@ class StoryPipeline:
         on_frame: Callable[[FrameInfo, Any], None] | None = None,
         on_bank: Callable[[str, IdentityBank], None] | None = None,
         control_images: Sequence[Any] | None = None,
+        character_images: Mapping[str, Sequence[Any]] | None = None,
         **pipeline_kwargs: Any,
     ) -> StoryPipelineOutput:
         """Generate every frame of a story.
@@ -502,6 +539,8 @@ class StoryPipeline:
             on_bank: called with (name, bank) as soon as a character's reference phase is done.
             control_images: ControlNet pipelines only: one control image per frame (for MultiControlNet, a
                 list per frame, one image per ControlNet). One image for every frame goes in `image=` instead.
+            character_images: name -> pictures of that character (file paths, PIL images, arrays; at most 8):
+                its bank is made from them (`CSAConfig.reference_noise`), and it has no reference frames.
             pipeline_kwargs: passed on to the wrapped pipeline (e.g. `guidance_rescale`; a ControlNet's `image=`
                 and `controlnet_conditioning_scale=`; an IP-Adapter's `ip_adapter_image=`, used for every frame).
         """
@@ -512,6 +551,12 @@ class StoryPipeline:
             characters, resolved, id_length, banks, frame_batch_size, pipeline_kwargs, control_images=control_images
         )
         height, width = height or self.default_size()[0], width or self.default_size()[1]
+        pictures = fit_character_pictures(character_images or {}, characters, height, width)
+        for name in pictures:
+            if name in banks:
+                raise StoryDiffusionError(
+                    f"{name!r} is given both as a saved character (banks) and by pictures; give one of them"
+                )
         settings = self.bank_settings(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
@@ -528,7 +573,7 @@ class StoryPipeline:
         needed = {name for i in todo for name in resolved[i].characters}
         references = {
             name: indices
-            for name, indices in self.reference_frames(resolved, id_length, exclude=set(banks)).items()
+            for name, indices in self.reference_frames(resolved, id_length, exclude={*banks, *pictures}).items()
             if name in needed
         }
         reference_of = {index: name for name, indices in references.items() for index in indices}
@@ -552,9 +597,19 @@ class StoryPipeline:
             self.csa.installed(self.denoiser),
             tqdm(total=len(resolved), desc="frames", unit="frame", disable=not progress) as bar,
         ):
-            # 3. Reference phase: each character's references together, mutual CSA, bank written
+            # 3. Characters given by pictures, then reference phases: each character's references together,
+            # mutual CSA, bank written
             character_order = list(characters)
             latent_size = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
+            for name in (name for name in pictures if name in needed):
+                index = character_order.index(name)
+                bank = self.picture_bank(
+                    name, characters[name], pictures[name], settings, common, negative_prompt,
+                    derived_seed(seed, 1, index), derived_seed(seed, 2, index), control_images,
+                )  # fmt: skip
+                banks[name] = bank
+                if on_bank is not None:
+                    on_bank(name, bank)
             for name, indices in references.items():
                 sampler_seed = derived_seed(seed, 1, character_order.index(name))
                 bank = self.reference_phase(
@@ -612,9 +667,109 @@ class StoryPipeline:
         sampler = torch.Generator().manual_seed(sampler_seed)
         subjects = self.reference_subject_tokens(references, name, {name: description})
         timesteps = self.denoising_timesteps(common["num_inference_steps"], height, width)
-        self.csa.begin_mutual(timesteps, len(indices), sampler, bank, subjects, latent_size)
-        self._generate(indices, infos, images, dict(common), on_frame, control_images)
+        source = self.csa.config.bank_from
+        if source == "steps":
+            self.csa.begin_mutual(timesteps, len(indices), sampler, bank, subjects, latent_size)
+            self._generate(indices, infos, images, dict(common), on_frame, control_images)
+            return bank
+        # the bank is made from the finished references, read as pictures: they must come out as images
+        finish = {**common, "output_type": "pt" if common["output_type"] == "latent" else common["output_type"]}
+        negative = references[0].negative_prompt
+        if source == "finished":  # the paper's mutual phase, then its images
+            self.csa.begin_mutual(timesteps, len(indices), sampler, None, subjects, latent_size)
+            self._generate(indices, infos, images, finish, on_frame, control_images)
+        else:  # sequential: the first alone, each later one reading the finished ones before it
+            for k, index in enumerate(indices):
+                earlier = []
+                if k:
+                    earlier_bank = IdentityBank(name, settings, self.bank_dtype, self.bank_device, "memory")
+                    pixels = images_as_pixels([images[i] for i in indices[:k]])
+                    self.record_pictures(
+                        earlier_bank, pixels, description, negative, common, derived_seed(sampler_seed, 3, k),
+                        derived_seed(sampler_seed, 4, k), control_images,
+                    )  # fmt: skip
+                    earlier = [earlier_bank]
+                self.csa.begin_read(timesteps, 1, earlier)
+                self._generate([index], infos, images, finish, on_frame, control_images)
+        pixels = images_as_pixels([images[i] for i in indices])
+        self.record_pictures(
+            bank, pixels, description, negative, common, derived_seed(sampler_seed, 5), sampler_seed, control_images
+        )
         return bank
+
+    def picture_bank(
+        self,
+        name: str,
+        description: str,
+        pictures: Sequence[Picture],
+        settings: BankSettings,
+        common: Mapping[str, Any],
+        negative_prompt: str,
+        sampler_seed: int,
+        noise_seed: int,
+        control_images: Sequence[Any] | None = None,
+    ) -> IdentityBank:
+        """The bank of a character given by pictures (fitted to the story's size): what reference images with
+        these latents would leave, at `CSAConfig.reference_noise` (see `record_pictures`)."""
+        from storydiffusion.pipelines.characters import picture_recipe
+
+        recipe = picture_recipe(
+            self, name, description, pictures, negative_prompt, sampler_seed, noise_seed, settings, common,
+            control_images,
+        )  # fmt: skip
+        bank = IdentityBank(
+            name, settings, self.bank_dtype, self.bank_device, self.bank_storage, self.bank_compaction, recipe
+        )
+        bank.pictures = [picture.image for picture in pictures]
+        self.record_pictures(
+            bank, picture_pixels(pictures), description, negative_prompt, common, noise_seed, sampler_seed,
+            control_images,
+        )  # fmt: skip
+        return bank
+
+    def record_pictures(
+        self,
+        bank: IdentityBank,
+        pixels: torch.Tensor,
+        description: str,
+        negative_prompt: str,
+        common: Mapping[str, Any],
+        noise_seed: int,
+        sampler_seed: int,
+        control_images: Sequence[Any] | None = None,
+    ) -> None:
+        """Fill `bank` from pictures (n, 3, H, W) in [-1, 1] at the story's size: each is encoded, noised (seeded)
+        to `CSAConfig.reference_noise` -- each step's level in turn, one denoiser pass per step, or one fixed
+        level, one pass whose tokens serve every step -- and run through the wrapped pipeline with the
+        character's description while the CSA layers record what it lends (CSA installed)."""
+        height, width = common["height"], common["width"]
+        count = len(pixels)
+        latents = encode_pictures(self.pipe.vae, pixels, self.pipe._execution_device)  # (n, C, h, w)
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(noise_seed)).to(latents)
+        flow = self.kind != "unet"
+        loop = self.denoising_timesteps(common["num_inference_steps"], height, width)
+        sampler = torch.Generator().manual_seed(sampler_seed)
+        level = self.csa.config.reference_noise
+        if level == "step":
+            self.csa.begin_record(loop, count, sampler, bank)
+            passes = list(loop)
+        else:
+            passes = [fixed_level_timestep(float(level), self.pipe.scheduler, flow)]
+            self.csa.begin_record(passes, count, sampler, bank, read_at_steps=len(loop))
+        infos = [FrameInfo(i, description, negative_prompt, 0, (bank.character,), "reference") for i in range(count)]
+        call = {**common, "num_inference_steps": 1, "output_type": "latent"}
+        controls = None
+        if is_controlnet_pipeline(self.pipe):  # the picture is the content: no control, at any image's shape
+            call["controlnet_conditioning_scale"] = 0.0
+            if control_images is not None:
+                controls = [control_images[0]] * count
+        scale = 1000.0 if self.kind == "flux" else 1.0
+        for timestep in passes:
+            sample = noised(latents, noise, timestep, self.pipe.scheduler, flow)
+            if self.kind == "flux":
+                sample = self.pipe._pack_latents(sample, count, *sample.shape[1:])
+            with denoiser_input(self.denoiser, sample, timestep, scale):
+                self._generate(list(range(count)), infos, [None] * count, call, None, controls)
 
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod

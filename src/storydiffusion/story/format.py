@@ -28,6 +28,9 @@ A mapping with `frames` (required), `characters` and optional settings::
     characters:                 # name -> description
       Bob: a man with red hair, black suit
       Ann: a woman with short blue hair, yellow coat
+      Mia:                      # or a mapping: description and pictures (paths relative to this file);
+        description: a girl     # a character with pictures has its bank made from them, no reference frames
+        images: [mia.png]
     frames:                     # frame lines, quoted: in YAML a line starting with `[` is a list
       - "[Bob] wakes up in his small flat # Monday."
       - prompt: "[Bob] and [Ann] meet at the bus stop"   # or a mapping: prompt (no #caption) and
@@ -134,6 +137,9 @@ class Character:
     line: int | None  # where it is defined (1-based), None when unknown
     source: str = "<characters>"
     field: str | None = None  # e.g. "characters.Bob" in a story file
+    # pictures of the character (paths resolved against the story file's folder): its bank is made from them,
+    # and it needs no reference frames
+    images: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -261,6 +267,9 @@ class Story:
     panels: list[Panel]
     settings: StorySettings = field(default_factory=StorySettings)
     source: str = "<story>"  # the file, or the frames box for text-box stories
+    # the settings the story's author set (a story file's keys, command-line options), each with where it was set
+    # ("story.yaml line 4", "--steps"); None: not recorded, see `given_settings`
+    given: Mapping[str, str] | None = None
 
     # -- reading ---------------------------------------------------------------------------
     @classmethod
@@ -272,16 +281,19 @@ class Story:
         characters_source: str = "<characters>",
         frames_source: str = "<frames>",
         banked: Collection[str] = (),
+        given: Collection[str] | None = None,
     ) -> Story:
         """A story from the demo's two text boxes: `[Name] description` lines and frame lines.
 
         In both texts blank lines and lines starting with `//` are ignored; see the module docstring
         for the frame syntax. The sources name the boxes in errors. `banked`: characters that come
-        from saved banks (they need no reference frames). Raises StoryFormatError.
+        from saved banks (they need no reference frames). `given`: the settings of `settings` the user
+        set (command-line options); None: those that differ from the defaults. Raises StoryFormatError.
         """
         characters = _parse_characters_text(characters_text, _Where(characters_source), _same_line)
         panels = _parse_frames_text(frames_text, characters, _Where(frames_source), _same_line)
-        story = cls(characters, panels, settings if settings is not None else StorySettings(), frames_source)
+        settings = settings if settings is not None else StorySettings()
+        story = cls(characters, panels, settings, frames_source, None if given is None else _override_sources(given))
         story.validate(banked)
         return story
 
@@ -351,9 +363,24 @@ class Story:
         settings = dataclasses.replace(_settings_from_mapping(data, nodes), **(overrides or {}))
         characters = _characters_from_value(data.get("characters"), nodes)
         panels = _panels_from_value(data["frames"], characters, nodes)
-        story = cls(characters, panels, settings, source)
+        given = {}
+        for key in SETTING_KEYS:
+            if key in data:
+                line = nodes.key_line(key)
+                where = f"{source} line {line}" if line is not None else f"{source} field {key!r}"
+                given.update(dict.fromkeys(("width", "height") if key == "size" else (key,), where))
+        story = cls(characters, panels, settings, source, {**given, **_override_sources(overrides or {})})
         story.validate(banked)
         return story
+
+    def given_settings(self) -> dict[str, str]:
+        """The settings the story's author set, each with where it was set. A story built without that record
+        (`given` None) counts those that differ from `StorySettings`' defaults."""
+        if self.given is not None:
+            return dict(self.given)
+        defaults = StorySettings()
+        changed = [f.name for f in fields(StorySettings) if getattr(self.settings, f.name) != getattr(defaults, f.name)]
+        return dict.fromkeys(changed, "given")
 
     # -- checks ------------------------------------------------------------------------------
     def validate(self, banked: Collection[str] = ()) -> None:
@@ -375,7 +402,7 @@ class Story:
                 f"id_length must be a whole number >= 1, got {_show(id_length)}", self.source, None, "id_length"
             )
         for name in dict.fromkeys(n for panel in self.panels for n in panel.characters):
-            if name in banked:
+            if name in banked or (name in self.characters and self.characters[name].images):
                 continue
             solo = [panel for panel in self.panels if panel.characters == (name,)]
             if len(solo) >= id_length:
@@ -400,6 +427,10 @@ class Story:
         """Name -> description, as the pipeline takes them."""
         return {name: character.description for name, character in self.characters.items()}
 
+    def character_images(self) -> dict[str, list[Path]]:
+        """Name -> picture files, for the characters the story gives pictures of (the pipeline's character_images)."""
+        return {name: list(c.images) for name, c in self.characters.items() if c.images}
+
     def styled_prompts(self) -> list[tuple[str, str]]:
         """(prompt, negative prompt) per panel, with the story's style and negative prompt applied."""
         return [apply_style(self.settings.style, p.prompt, self.settings.negative_prompt) for p in self.panels]
@@ -410,6 +441,11 @@ class Story:
             Frame(prompt=prompt, characters=panel.characters, negative_prompt=negative, regions=panel.regions)
             for panel, (prompt, negative) in zip(self.panels, self.styled_prompts())
         ]
+
+
+def _override_sources(names: Collection[str]) -> dict[str, str]:
+    """Where settings given as overrides come from: the command line's option for each (`--id-length`)."""
+    return {name: "--" + name.replace("_", "-") for name in names}
 
 
 def _did_you_mean(word: str, choices: Any) -> str:
@@ -661,7 +697,13 @@ def _characters_from_value(value: Any, nodes: _Nodes) -> dict[str, Character]:
     if isinstance(value, Mapping):
         for name, description in value.items():
             where = _Where(source, nodes.subkey_line("characters", str(name)), f"characters.{name}")
-            _add_character(characters, _character(name, description, where), where)
+            if isinstance(description, Mapping):  # {description: ..., images: [...]}
+                _check_keys(description, ("description", "images"), ("description",), where)
+                character = _character(name, description["description"], where)
+                character = _with_images(character, description.get("images"), source, where)
+            else:
+                character = _character(name, description, where)
+            _add_character(characters, character, where)
         return characters
     if isinstance(value, list):
         for i, item in enumerate(value):
@@ -669,8 +711,9 @@ def _characters_from_value(value: Any, nodes: _Nodes) -> dict[str, Character]:
             if isinstance(item, str):
                 character = _parse_character_line(item.strip(), where)
             elif isinstance(item, Mapping):
-                _check_keys(item, ("name", "description"), ("name", "description"), where)
+                _check_keys(item, ("name", "description", "images"), ("name", "description"), where)
                 character = _character(item["name"], item["description"], where)
+                character = _with_images(character, item.get("images"), source, where)
             else:
                 raise where.error(f"a character is `name: ..., description: ...`, got {_show(item)}")
             _add_character(characters, character, where)
@@ -681,6 +724,23 @@ def _characters_from_value(value: Any, nodes: _Nodes) -> dict[str, Character]:
         nodes.key_line("characters"),
         "characters",
     )
+
+
+def _with_images(character: Character, value: Any, source: str, where: _Where) -> Character:
+    """The character with its `images:` (a path or a list of paths, relative to the story file), each checked."""
+    if value is None:
+        return character
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(item, str) and item.strip() for item in items):
+        raise where.error(f"images is a picture file or a list of them (e.g. [mia.png]), got {_show(value)}")
+    folder = Path(source).parent if Path(source).suffix.lower() in STORY_SUFFIXES else Path.cwd()
+    paths = []
+    for item in items:
+        path = (folder / item).expanduser()
+        if not path.is_file():
+            raise where.error(f"picture {item!r} of [{character.name}] does not exist (looked for {path})")
+        paths.append(path)
+    return dataclasses.replace(character, images=tuple(paths))
 
 
 def _check_keys(item: Mapping[Any, Any], allowed: tuple[str, ...], required: tuple[str, ...], where: _Where) -> None:

@@ -6,6 +6,10 @@ Every story is generated with the same seeds in four arms, so CSA's own effect i
     shared_noise      CSA off, every panel from the same initial noise (the public code's prior)
     csa               CSA on (reference phase + identity bank), own noise
     csa_shared_noise  CSA on, shared noise
+    csa_finished      CSA on, the bank made from the finished references (`CSAConfig.bank_from="finished"`)
+    csa_sequential    CSA on, the references drawn one after another, each reading the ones before it
+                      (`bank_from="sequential"`); both read their references clean (`reference_noise=0.0`)
+                      unless the csa settings give a fixed level
 
 and once more as a *strip*: all of a story's panels generated together with full mutual
 self-attention at every layer and step -- the multi-panel canvas the tiny model was trained on, which
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,7 @@ from storydiffusion.story.format import Story, StoryFormatError
 from storydiffusion.world import render as world
 from storydiffusion.world.classifier import SCORED_IDENTITY_ATTRIBUTES, agreement
 
-ARMS: tuple[str, ...] = ("baseline", "shared_noise", "csa", "csa_shared_noise")
+ARMS: tuple[str, ...] = ("baseline", "shared_noise", "csa", "csa_shared_noise", "csa_finished", "csa_sequential")
 # Identity attributes the classifier reads reliably enough to score (see world_classifier.SCORED_ATTRIBUTES).
 SCORED_IDENTITY: tuple[str, ...] = SCORED_IDENTITY_ATTRIBUTES
 HERO = "Hero"  # the character's name in the built-in stories
@@ -241,11 +245,14 @@ def strip_config() -> CSAConfig:
 def arm_settings(settings: EvalSettings) -> dict[str, tuple[CSAConfig, bool]]:
     """Arm name -> (CSA config, shared initial noise); `strip` is the within-strip measurement."""
     off = CSAConfig(rate=0.0, layers=settings.csa.layers, levels=settings.csa.levels)
+    noise = 0.0 if settings.csa.reference_noise == "step" else settings.csa.reference_noise
     return {
         "baseline": (off, False),
         "shared_noise": (off, True),
         "csa": (settings.csa, False),
         "csa_shared_noise": (settings.csa, True),
+        "csa_finished": (replace(settings.csa, bank_from="finished", reference_noise=noise), False),
+        "csa_sequential": (replace(settings.csa, bank_from="sequential", reference_noise=noise), False),
         "strip": (strip_config(), False),
     }
 
