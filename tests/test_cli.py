@@ -217,3 +217,29 @@ def test_demo_runs_offline(monkeypatch, capsys, tmp_path):
     assert len(list((tmp_path / "demo").glob("panel_*.png"))) == 6 and (tmp_path / "demo" / "comic.pdf").is_file()
     settings = json.loads((tmp_path / "demo" / "manifest.json").read_text())["settings"]
     assert settings["rate"] == 1.0  # the tiny model's best rate (benchmarks/tiny_csa_sweep.py)
+
+
+def test_story_file_pictures_make_the_character_and_a_changed_picture_is_not_mixed(
+    monkeypatch, capsys, tmp_path, model_dir
+):
+    """`images:` in a story file (relative to it) make the character's bank: it has no reference frames, its
+    frames read the picture, and a resumed run with another picture is reported, not mixed."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "bob.png")
+    story = STORY_YAML.replace("  Bob: a man with red hair, black suit", "  Bob: {description: a man, images: bob.png}")
+    path = tmp_path / "story.yaml"
+    path.write_text(story)
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(monkeypatch, capsys, "story", path, "--model", model_dir, "--out", out, *FAST)
+    assert code == 0, stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["panels"]["0"]["role"] == "frame" and manifest["panels"]["2"]["role"] == "reference"
+    recorded = manifest["settings"]["pictures"]
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "bob.png")
+    code, _, stderr = run_cli(monkeypatch, capsys, "story", path, "--model", model_dir, "--out", out, *FAST)
+    assert code != 0 and "pictures" in stderr
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "story", path, "--model", model_dir, "--out", out, "--overwrite", *FAST
+    )
+    assert code == 0, stderr
+    assert json.loads((out / "manifest.json").read_text())["settings"]["pictures"] != recorded

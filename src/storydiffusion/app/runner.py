@@ -214,6 +214,9 @@ def run_settings(
         settings["regional_prompts"] = True
     if bank_files:  # only then, so runs without given banks resume folders made before this key existed
         settings["banks"] = sorted(_file_digest(Path(path)) for path in bank_files)
+    pictures = story.character_images()
+    if pictures:  # a resumed run never mixes panels drawn from other pictures
+        settings["pictures"] = {name: [_file_digest(path) for path in paths] for name, paths in pictures.items()}
     return settings
 
 
@@ -521,6 +524,7 @@ def run_story(
             seed=s.seed,
             same_initial_noise=s.same_initial_noise,
             banks=banks,
+            character_images=story.character_images(),
             skip_frames=skip,
             on_frame=on_frame,
             on_bank=on_bank,
