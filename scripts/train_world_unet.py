@@ -34,18 +34,18 @@ Export writes `--out` (default src/storydiffusion/assets/tiny) as a `StableDiffu
 unet/ (EMA weights, fp16), text_encoder/ + tokenizer/ (from the tiny CLIP), vae/ (the tiny VAE),
 scheduler/ (DPM-Solver++ on the training schedule) and model_index.json.
 
-Shipped run (src/storydiffusion/assets/tiny, stop 10): 120 shards (69,120 panels, 18 min on the other
+Shipped run (src/storydiffusion/assets/tiny, the 2026-12-01 run): 120 shards (69,120 panels, 18 min on the other
 core), then from the previous shipped UNet (git 082b2d6, trained with identity captions) with
 `--steps 12000 --lr 5e-4 --warmup 100` on one thread: steps 0-3,000 with `--clean-sibling 0.25
 --part-weight 0.05 --part-colour-weight 0`, 3,000-5,000 with `--clean-sibling 0.5 --part-weight 0.1`,
 5,000-9,200 adding `--part-colour-weight 0.5` (the defaults below), stopped at 9,200 for the export:
 135 min of wall time, ~0.75-0.85 s a step. Held-out sibling gain 0.033 -> 0.074 (step 5,000) -> 0.089.
-Then (stop 18) from that UNet, the shards re-rendered the same way (15 min), `--init
+Then (the 2026-12-02 (a) run) from that UNet, the shards re-rendered the same way (15 min), `--init
 src/storydiffusion/assets/tiny/unet --steps 9000 --lr 5e-4 --warmup 100`: steps 0-3,100 with
 `--part-colour-weight 2.0` (strip 0.45 -> 0.49, but the single-panel alignment fell to 0.21), then `--resume`
 with `--part-colour-weight 0.5 --single-share 0.35` to step 8,200 (stopped there for the export): 130 min of
 wall time on one thread, ~0.65-1.4 s a step (the other core busy). Held-out sibling gain 0.073 -> 0.100.
-Then (stop 19) from that UNet, with the shards re-rendered beside it on the other core (28 min, picked up
+Then (the 2026-12-02 (b) run) from that UNet, with the shards re-rendered beside it on the other core (28 min, picked up
 as they appeared), `--init src/storydiffusion/assets/tiny/unet --steps 4000 --lr 3e-4 --warmup 100
 --part-colour-weight 1.0 --single-share 0.35`: 62 min of wall time on one thread, ~0.65-1.05 s a step;
 held-out sibling gain 0.087 (step 250, the EMA settling) -> 0.108. Exported at step 4,000.

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from helpers import run_cli
 from transformers import CLIPModel
 
 from storydiffusion.app import cli
@@ -92,14 +93,12 @@ def test_eval_end_to_end_on_a_reduced_set(monkeypatch, capsys, tmp_path):
 def test_eval_pictures_end_to_end(monkeypatch, capsys, tmp_path):
     """Frames that read a clean picture of the character show its look far more often than frames without."""
     out = tmp_path / "eval.json"
-    argv = ["storydiffusion", "eval", "--pictures", "--count", "3", "--seeds", "0", "--json", str(out)]
-    argv += ["--device", "cpu", "--images", str(tmp_path / "images")]
-    monkeypatch.setattr(sys, "argv", argv)
-    try:
-        cli.main()
-    except SystemExit as stop:
-        assert not stop.code
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    code, stdout, stderr = run_cli(
+        monkeypatch, capsys, "eval", "--pictures", "--count", "3", "--seeds", "0", "--json", out,
+        "--device", "cpu", "--images", tmp_path / "images",
+    )  # fmt: skip
+    assert code == 0, stderr
+    printed = json.loads(stdout.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
     assert set(printed) == {"no_picture", "picture_step", "picture_clean", "picture_clean_w4", "stories", "seeds"}
     for scores in (printed[arm] for arm in ("no_picture", "picture_step", "picture_clean", "picture_clean_w4")):
