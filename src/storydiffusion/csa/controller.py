@@ -185,6 +185,11 @@ class ConsistentAttention:
 
     # -- installation ----------------------------------------------------------------------
     @property
+    def timestep_scale(self) -> float:
+        """What the installed denoiser's timestep is multiplied by to give the scheduler's (Flux's: 1000)."""
+        return self._timestep_scale
+
+    @property
     def is_installed(self) -> bool:
         return self._unet is not None
 

@@ -763,7 +763,7 @@ class StoryPipeline:
             call["controlnet_conditioning_scale"] = 0.0
             if control_images is not None:
                 controls = [control_images[0]] * count
-        scale = 1000.0 if self.kind == "flux" else 1.0
+        scale = self.csa.timestep_scale  # Flux's pipeline hands its transformer t / 1000
         for timestep in passes:
             sample = noised(latents, noise, timestep, self.pipe.scheduler, flow)
             if self.kind == "flux":
