@@ -4,6 +4,9 @@ the free space -- for plain files and for identity banks, the largest files the 
 import errno
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections import namedtuple
 
 import pytest
@@ -11,7 +14,14 @@ import torch
 
 from storydiffusion import BankSettings, IdentityBank, StoryDiffusionError
 from storydiffusion.csa.bank import BankStorage
-from storydiffusion.files import FileWriteError, format_bytes, is_partial, partial_path, write_atomically
+from storydiffusion.files import (
+    FileWriteError,
+    format_bytes,
+    is_partial,
+    partial_path,
+    remove_partials,
+    write_atomically,
+)
 
 FREE = 3 * 2**20 + 2**19  # what the stand-in file system reports free: "3.5 MiB"
 SETTINGS = BankSettings(
@@ -122,3 +132,35 @@ def test_a_bank_save_failing_midway_leaves_no_partial_file(tmp_path, monkeypatch
         cpu = torch.device("cpu")
         assert torch.equal(loaded.get(step, layer, torch.float32, cpu, 2), bank.get(step, layer, torch.float32, cpu, 2))
     assert everything_in(out) == ["Bob.safetensors"]
+
+
+def test_a_run_removes_what_a_killed_write_left_in_its_folder(tmp_path):
+    """SIGKILL skips every clean-up; the next run into the folder removes the temporary files it finds."""
+    (tmp_path / "panel_000.png").write_bytes(b"whole")
+    partial_path(tmp_path / "panel_001.png").write_bytes(b"half")
+    (tmp_path / "notes.partial").write_text("the user's, not ours")
+    assert [path.name for path in remove_partials(tmp_path)] == [".panel_001.png.partial"]
+    assert everything_in(tmp_path) == ["notes.partial", "panel_000.png"]
+
+
+def test_sigterm_ends_a_command_without_leaving_a_half_written_file(tmp_path):
+    """What `accelerate launch` sends the other processes when one dies: the command line turns it into a clean
+    exit, so the write in flight removes its temporary file (by default SIGTERM ends Python with no clean-up)."""
+    script = f"""
+import os, signal, time
+from pathlib import Path
+from storydiffusion.app import cli
+from storydiffusion.files import write_atomically
+
+cli._stop_cleanly_on_sigterm()
+
+def slow(partial):
+    partial.write_bytes(b"half")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+write_atomically(Path({str(tmp_path / "page_01.png")!r}), slow)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert everything_in(tmp_path) == []

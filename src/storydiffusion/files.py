@@ -49,6 +49,16 @@ def is_partial(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(PARTIAL_SUFFIX)
 
 
+def remove_partials(folder: Path) -> list[Path]:
+    """Remove the temporary files that killed writes left in `folder` (not below it); returns their paths.
+
+    Call it only on a folder no other process is writing into (a run's own output folder)."""
+    removed = [path for path in Path(folder).glob(f".*{PARTIAL_SUFFIX}") if is_partial(path) and path.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def format_bytes(count: int) -> str:
     """`count` bytes for people: 512 B, 3.4 MiB, 6.20 GiB."""
     if count < 1024:

@@ -8,7 +8,9 @@ STORYDIFFUSION_TRACEBACK=1 for the full traceback); bad options exit with click'
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -530,10 +532,22 @@ def _report(result, seconds: float) -> None:
     )
 
 
+def _stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (what `accelerate launch`/torchrun send the other processes when one dies, and what `kill` and
+    `docker stop` send) ends a command as Ctrl-C does: the file in flight is removed, not left half-written."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main() -> None:
     """Entry point: the project's errors become one line on stderr and exit code 1."""
     # transformers warns at import about optional image backends the command never uses
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _stop_cleanly_on_sigterm()
     try:
         app()
     except StoryDiffusionError as error:

@@ -26,7 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 from storydiffusion.csa.attention import CSAConfig
 from storydiffusion.csa.bank import BankSettings, IdentityBank
 from storydiffusion.errors import StoryDiffusionError
-from storydiffusion.files import write_atomically
+from storydiffusion.files import remove_partials, write_atomically
 from storydiffusion.pipelines.characters import (
     CharacterRecipe,
     character_file_name,
@@ -462,6 +462,8 @@ def run_story(
     check_captions([panel.caption for panel in story.panels], options.layout)  # before minutes of drawing
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(out, settings, options.overwrite)
+    for folder in (out, out / "banks"):  # what a run killed outright (SIGKILL) left mid-write: this run owns them
+        remove_partials(folder)
 
     csa_config = CSAConfig(rate=s.rate, regional_prompts=s.regional_prompts)
     story_pipe = pipeline or load_story_pipeline(model, options, csa_config)
