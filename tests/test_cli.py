@@ -243,3 +243,47 @@ def test_story_file_pictures_make_the_character_and_a_changed_picture_is_not_mix
     )
     assert code == 0, stderr
     assert json.loads((out / "manifest.json").read_text())["settings"]["pictures"] != recorded
+
+
+def test_character_image_option_draws_the_character_as_the_story_files_images_do(
+    monkeypatch, capsys, tmp_path, model_dir
+):
+    """`--character-image Bob=bob.png` gives the same panels as `images: bob.png` in the story file, and bad
+    values are one line naming the option."""
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "bob.png")
+    in_file = tmp_path / "in_file.yaml"
+    in_file.write_text(
+        STORY_YAML.replace(
+            "  Bob: a man with red hair, black suit",
+            '  Bob: {description: "a man with red hair, black suit", images: bob.png}',
+        )
+    )
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(STORY_YAML)
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "story", in_file, "--model", model_dir, "--out", tmp_path / "a", *FAST
+    )
+    assert code == 0, stderr
+    picture = str(tmp_path / "bob.png")
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "story", plain, "--model", model_dir, "--out", tmp_path / "b",
+        "--character-image", f"Bob={picture}", *FAST,
+    )  # fmt: skip
+    assert code == 0, stderr
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["panels"]["0"]["role"] == "frame"  # Bob has no reference frames: his bank is the picture
+    for index in range(6):
+        a, b = (np.asarray(Image.open(tmp_path / out / f"panel_{index:03d}.png")) for out in ("a", "b"))
+        assert np.array_equal(a, b), index
+
+    for value, expected in (
+        (f"Zed={picture}", "no character [Zed]"),
+        ("Bob=missing.png", "does not exist"),
+        ("Bob", "write NAME=PICTURE"),
+    ):
+        code, _, stderr = run_cli(
+            monkeypatch, capsys, "story", plain, "--model", model_dir, "--out", tmp_path / "c",
+            "--character-image", value, *FAST,
+        )  # fmt: skip
+        assert code == 1 and expected in stderr and "Traceback" not in stderr, stderr

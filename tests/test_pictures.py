@@ -160,18 +160,38 @@ def test_bad_pictures_are_refused_naming_the_file_and_character(sd_pipe, tmp_pat
     assert "converted from RGBA to RGB" in said and "converted from L to RGB" in said
 
 
-@pytest.mark.parametrize("kind", ["flux", "sd3"])
-def test_dit_pictures_fill_a_bank_the_frames_read(kind):
-    from storydiffusion.pipelines.tiny_random import tiny_flux_pipeline, tiny_sd3_pipeline
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "flux", "sd3"])
+def test_pictures_on_every_model_family_and_dtype(kind, dtype):
+    """The same code on tiny-random SD1.5, SDXL, Flux and SD3: the pictures fill a bank the frames read, and
+    in bfloat16 the frames are the float32 frames up to rounding."""
+    from storydiffusion.pipelines import tiny_random
 
-    pipe = (tiny_flux_pipeline if kind == "flux" else tiny_sd3_pipeline)(seed=0)
+    make = {"sd": "tiny_sd_pipeline", "sdxl": "tiny_sdxl_pipeline", "flux": "tiny_flux_pipeline"}
+    pipe = getattr(tiny_random, make.get(kind, "tiny_sd3_pipeline"))(seed=0)
     pipe.set_progress_bar_config(disable=True)
-    story_pipe = StoryPipeline(pipe, CSAConfig(schedule=ALWAYS, reference_noise=0.0), bank_dtype="float32")
-    run = dict(RUN, height=32, width=32, num_inference_steps=2)
-    given = story_pipe(CHARACTERS, STORY[:2], character_images={"Mia": [picture(1)]}, **run)
-    other = story_pipe(CHARACTERS, STORY[:2], character_images={"Mia": [picture(2)]}, **run)
+    size = 64 if kind in ("sd", "sdxl") else 32
+    run = dict(RUN, height=size, width=size, num_inference_steps=2)
+
+    def draw(image):
+        story_pipe = StoryPipeline(pipe, CSAConfig(schedule=ALWAYS, reference_noise=0.0), bank_dtype="float32")
+        return story_pipe(CHARACTERS, STORY[:2], character_images={"Mia": [image]}, **run)
+
+    reference = draw(picture(1))  # float32
+    pipe.to(dtype=dtype)
+    given, other = draw(picture(1)), draw(picture(2))
     bank = given.banks["Mia"]
     assert bank.stored_entries > 0 and len(bank) >= bank.stored_entries
-    assert not np.array_equal(given.images[0], other.images[0])  # random tiny DiTs: small, but read
+    assert [f.role for f in given.frames] == ["frame", "frame"]
+    assert not np.array_equal(given.images[0], other.images[0])  # the frames read the pictures
+    assert all(np.isfinite(image).all() for image in given.images)
+    tolerance = 0.0 if dtype == torch.float32 else 0.05
+    for ours, float32 in zip(given.images, reference.images):
+        assert float(np.abs(ours - float32).mean()) <= tolerance
+
+
+def test_dits_refuse_a_reference_strength():
+    from storydiffusion.pipelines.tiny_random import tiny_flux_pipeline
+
     with pytest.raises(StoryDiffusionError, match="reference_strength"):
-        StoryPipeline(pipe, CSAConfig(reference_strength=2.0))
+        StoryPipeline(tiny_flux_pipeline(seed=0), CSAConfig(reference_strength=2.0))

@@ -225,3 +225,30 @@ def test_the_page_serves_a_dit_model(model, tmp_path, one_torch_thread):
         assert [p.rsplit("/", 1)[-1] for p in banks] == ["Mia.character.json"]
     finally:
         dit.close()
+
+
+def test_a_character_from_uploaded_pictures(app, monkeypatch, capsys, tmp_path):
+    """Pictures uploaded for [Mia] make her bank (no reference frames); the run's story file keeps a copy of
+    them, and `storydiffusion story` on it draws the same panels; an upload for a name the box no longer
+    defines is ignored, a cleared upload forgets the pictures."""
+    rng = np.random.default_rng(0)
+    upload = tmp_path / "upload" / "mia photo.png"
+    upload.parent.mkdir()
+    Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(upload)
+    pictures = app.on_pictures("Mia", [str(upload)], {})
+    pictures = app.on_pictures("Zed", [str(upload)], pictures)  # a character since removed from the box
+    assert pictures == {"Mia": [str(upload)], "Zed": [str(upload)]}
+    assert app.on_pictures("Zed", None, pictures) == {"Mia": [str(upload)]}
+
+    message, panels, *_, session = list(app.on_generate(*form(seed=5), pictures))[-1]
+    assert "Drawn from pictures: Mia from 1 picture" in message, message
+    out = Path(session["out"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [manifest["panels"][i]["role"] for i in ("0", "1")] == ["frame", "frame"]  # no reference frames
+    assert manifest["settings"]["pictures"]
+    upload.unlink()  # Gradio's upload copies are temporary: the run keeps its own
+
+    code, _, stderr = run_cli(monkeypatch, capsys, "story", out / "story.yaml", "--out", tmp_path / "again")
+    assert code == 0, stderr
+    for index, (path, _) in enumerate(panels):
+        assert np.array_equal(pixels(path), pixels(tmp_path / "again" / f"panel_{index:03d}.png")), index

@@ -210,3 +210,30 @@ def test_two_sessions_at_once_get_their_own_results(url, browser):
     assert not {i["src"] for i in mine} & {i["src"] for i in theirs}
     assert pdf_link(first) != pdf_link(second)
     assert fetch(mine[0]["src"]) != fetch(theirs[0]["src"])
+
+
+def test_a_character_from_an_uploaded_picture(url, browser, tmp_path):
+    """The Characters box grows one upload per character; a picture uploaded there draws the character."""
+    from selenium.webdriver.common.by import By
+
+    picture = tmp_path / "mia.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(picture)
+    driver = browser("pictures")
+    driver.get(url)
+    fill(driver, "Characters", CHARACTERS)
+    fill(driver, "Frames", FRAMES)
+    driver.find_element(By.XPATH, "//button[contains(., 'Characters from pictures')]").click()
+    upload = wait_until(
+        driver,
+        lambda d: d.find_element(
+            By.XPATH,
+            "//*[contains(@class, 'character-pictures')][.//*[contains(., 'Pictures of [Mia]')]]//input[@type='file']",
+        ),
+        "the upload for [Mia]",
+    )
+    upload.send_keys(str(picture))
+    uploaded = lambda d: "mia\n.png" in d.find_element(By.CLASS_NAME, "character-pictures").text  # noqa: E731
+    wait_until(driver, uploaded, "the upload listed")
+    click_generate(driver)
+    wait_for_panels(driver, 3)
+    assert "Drawn from pictures: Mia from 1 picture" in message_text(driver)

@@ -169,6 +169,15 @@ def story_command(
             "size, steps, guidance and rate are the run's unless given (a different value given is an error)."
         ),
     ] = None,
+    character_image: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=PICTURE: draw character NAME from this picture (its bank is made from it; it needs no "
+            "reference frames); repeatable, also for several pictures of one character. Replaces the story "
+            "file's images: of NAME.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Generate a story's panels, its comic pages and PDF into OUT (resuming what OUT already holds)."""
     from storydiffusion.app.runner import RunOptions, run_story
@@ -194,8 +203,9 @@ def story_command(
     from storydiffusion.pipelines.characters import saved_character_name
 
     banked = [saved_character_name(path) for path in bank or ()]  # they need no reference frames
+    pictures = _character_images(character_image or ())
     if story_file is not None:
-        story = Story.from_file(story_file, overrides, banked=banked)
+        story = Story.from_file(story_file, overrides, banked=banked, pictures=pictures)
     else:
         if frames is None:
             raise StoryDiffusionError("--characters needs --frames: the file with one frame per line")
@@ -207,6 +217,7 @@ def story_command(
             frames_source=str(frames),
             banked=banked,
             given=overrides,  # the options given; a saved character's settings fill the rest (`run_story`)
+            pictures=pictures,
         )
     settings = story.settings
     options = RunOptions(
@@ -522,6 +533,20 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise StoryDiffusionError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+
+
+def _character_images(values: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
+    """`--character-image NAME=PICTURE` options -> name -> pictures, in the order given."""
+    pictures: dict[str, list[str]] = {}
+    for value in values:
+        name, sep, picture = value.partition("=")
+        name, picture = name.strip().strip("[]"), picture.strip()
+        if not sep or not name or not picture:
+            raise StoryDiffusionError(
+                f"--character-image {value!r}: write NAME=PICTURE, e.g. --character-image Mia=mia.png"
+            )
+        pictures.setdefault(name, []).append(picture)
+    return pictures
 
 
 def _report(result, seconds: float) -> None:

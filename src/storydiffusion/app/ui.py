@@ -23,6 +23,7 @@ import uuid
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from queue import Queue
 from typing import Any
@@ -149,9 +150,11 @@ def make_story(
     size: str = "",
     seed: int = 0,
     banked: Sequence[str] = (),
+    pictures: Mapping[str, Sequence[str | Path]] | None = None,
 ) -> Story:
     """The story the form describes; raises StoryFormatError naming the box and line, or the setting.
-    `banked`: characters that come from uploaded bank files (they need no reference frames)."""
+    `banked`: characters that come from uploaded bank files (they need no reference frames); `pictures`:
+    character name -> uploaded pictures (those of names the Characters box no longer defines are ignored)."""
     width, height = parse_size(size)
     try:
         settings = StorySettings(
@@ -167,16 +170,41 @@ def make_story(
         )
     except StoryFormatError as error:  # "<settings>" means the settings fields of this page
         raise StoryFormatError(error.message, "Settings", None, error.field) from None
+    defined = set(character_names(characters))
     return Story.from_text(
-        characters, frames, settings, characters_source="Characters", frames_source="Frames", banked=banked
+        characters,
+        frames,
+        settings,
+        characters_source="Characters",
+        frames_source="Frames",
+        banked=banked,
+        pictures={name: list(files) for name, files in (pictures or {}).items() if name in defined and files},
     )
 
 
-def story_yaml(story: Story) -> str:
-    """The story as a story file (frames as written, settings), so a run can be repeated from its zip."""
+def character_names(text: str) -> list[str]:
+    """The names the Characters box defines, in order (`[Name] description` lines; anything else skipped:
+    the box is checked when Generate is clicked)."""
+    names = (re.match(r"\s*\[([^\]]+)\]", line) for line in (text or "").splitlines())
+    return list(dict.fromkeys(match.group(1).strip() for match in names if match and match.group(1).strip()))
+
+
+def story_yaml(story: Story, folder: Path | None = None) -> str:
+    """The story as a story file (frames as written, settings), so a run can be repeated from its zip;
+    pictures inside `folder` (where the file goes) are named relative to it, as story files name them."""
+
+    def picture(path: Path) -> str:
+        inside = folder is not None and Path(path).is_relative_to(folder)
+        return Path(path).relative_to(folder).as_posix() if inside else str(path)
+
     s = story.settings
     data: dict[str, Any] = {
-        "characters": story.character_descriptions(),
+        "characters": {
+            name: {"description": c.description, "images": [picture(path) for path in c.images]}
+            if c.images
+            else c.description
+            for name, c in story.characters.items()
+        },
         "frames": [panel.text for panel in story.panels],
         "style": s.style,
         "seed": s.seed,
@@ -192,6 +220,25 @@ def story_yaml(story: Story) -> str:
     if s.model:
         data["model"] = s.model
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def keep_pictures(story: Story, out: Path) -> Story:
+    """The story with its characters' pictures copied into `out/pictures/` (uploads are temporary files), so
+    the run's story file (`story_yaml(story, out)`) and zip repeat the run."""
+    characters = dict(story.characters)
+    for name, character in story.characters.items():
+        if not character.images:
+            continue
+        folder = out / "pictures"
+        folder.mkdir(exist_ok=True)
+        kept = []
+        for number, path in enumerate(character.images, start=1):
+            slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name) or "character"
+            target = folder / f"{slug}-{number}{Path(path).suffix.lower() or '.png'}"
+            shutil.copyfile(path, target)
+            kept.append(target)
+        characters[name] = replace(character, images=tuple(kept))
+    return replace(story, characters=characters) if characters != story.characters else story
 
 
 def _markdown_text(text: str) -> str:
@@ -289,7 +336,8 @@ class StoryApp:
         run_dir = self.new_run_dir()
         out = run_dir / RUN_DIR
         out.mkdir()
-        (out / STORY_FILE).write_text(story_yaml(story), encoding="utf-8")
+        story = keep_pictures(story, out)
+        (out / STORY_FILE).write_text(story_yaml(story, out), encoding="utf-8")
         s = story.settings
         options = replace(self.options, model=model, layout=ComicLayout(seed=s.seed), progress=False)
         events: Queue[tuple[str, Any]] = Queue()
@@ -352,9 +400,11 @@ class StoryApp:
         size: str,
         seed: float,
         bank_files: Sequence[str] | None,
+        pictures: Mapping[str, Sequence[str]] | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio finds the tracker by this default
     ) -> Iterator[tuple[Any, ...]]:
         """Generate: yields (message, panels, pages, pdf, zip, banks, session) as the run goes.
+        `pictures`: character name -> uploaded pictures (the session's `on_pictures` state).
 
         A mistake in the story or the settings becomes a message in the page, never a traceback.
         """
@@ -372,6 +422,7 @@ class StoryApp:
                 size=size,
                 seed=seed,
                 banked=[saved_character_name(path) for path in bank_files or ()],
+                pictures=pictures,
             )
             self.served_model(story)
             total = len(story.panels)
@@ -388,10 +439,28 @@ class StoryApp:
                 banks = [str(path) for path in result.characters.values()]  # the small files, not the banks
                 session = {"out": str(result.out), "panels": panels, "banks": banks}
                 text = f"{total} panels, {len(result.pages)} comic page(s) in {update.seconds:.1f} s."
+                drawn_from = [
+                    f"{name} from {len(c.images)} picture{'s' if len(c.images) > 1 else ''}"
+                    for name, c in story.characters.items()
+                    if c.images
+                ]
+                if drawn_from:
+                    text += f" Drawn from pictures: {', '.join(drawn_from)}."
                 pages = [str(path) for path in result.pages]
                 yield _message(text), panels, pages, str(result.pdf), str(update.zip), banks or None, session
         except StoryDiffusionError as error:
             yield _message(str(error), error=True), keep, keep, keep, keep, keep, keep
+
+    @staticmethod
+    def on_pictures(
+        name: str, files: Sequence[str] | str | None, pictures: Mapping[str, Sequence[str]] | None
+    ) -> dict[str, list[str]]:
+        """Pictures of character `name` uploaded (or cleared): the session's name -> pictures, updated."""
+        updated = {key: list(value) for key, value in (pictures or {}).items() if key != name}
+        files = [files] if isinstance(files, str) else list(files or ())
+        if files:
+            updated[name] = [str(path) for path in files]
+        return updated
 
     def on_reuse(self, session: Mapping[str, Any] | None) -> tuple[Any, str]:
         """Reuse this session's last characters: its run's character files go to the upload box."""
@@ -521,6 +590,7 @@ class StoryApp:
         # delete_cache: Gradio's copies of the files it served go after a day too, and at shutdown
         with gr.Blocks(title="StoryDiffusion", analytics_enabled=False, delete_cache=(3600, RUN_MAX_AGE_S)) as demo:
             session = gr.State(None)  # this browser session's last run: {"out", "panels", "banks"}
+            pictures = gr.State({})  # this browser session's uploaded pictures: character name -> files
             gr.Markdown("# StoryDiffusion\nCharacters and one line per scene in; consistent panels and a comic out.")
             with gr.Tabs():
                 with gr.Tab("Story"):
@@ -555,6 +625,27 @@ class StoryApp:
                             elem_id="bank-upload",
                         )
                         reuse = gr.Button("Reuse this session's last characters", size="sm")
+                    with gr.Accordion("Characters from pictures", open=False):
+                        gr.Markdown(
+                            "A character with pictures is drawn from them: its look is read from the pictures "
+                            "(resized and centre-cropped to the panel size) and it needs no reference frames."
+                        )
+
+                        @gr.render(inputs=[characters], triggers=[characters.change, demo.load])
+                        def picture_uploads(text: str) -> None:
+                            names = character_names(text)
+                            if not names:
+                                gr.Markdown("Define characters in the Characters box first.")
+                            for name in names:
+                                upload = gr.File(
+                                    label=f"Pictures of [{name}]",
+                                    file_count="multiple",
+                                    file_types=["image"],
+                                    key=f"pictures-{name}",
+                                    elem_classes=["character-pictures"],
+                                )
+                                upload.change(partial(self.on_pictures, name), [upload, pictures], [pictures])
+
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     message = gr.Markdown(elem_id="message")
                     panels = gr.Gallery(label="Panels", columns=6, object_fit="contain", elem_id="panels")
@@ -587,7 +678,10 @@ class StoryApp:
                     video_message = gr.Markdown(elem_id="video-message")
                     video = gr.Video(label="Video", elem_id="video")
 
-            inputs = [characters, frames, style, model, id_length, rate, steps, guidance, size, seed, bank_upload]
+            inputs = [
+                *(characters, frames, style, model, id_length, rate, steps, guidance, size, seed, bank_upload),
+                pictures,
+            ]
             outputs = [message, panels, pages, pdf, archive, banks, session]
             # one generation at a time per app (see the class docstring); the rest wait in the queue
             generate.click(self.on_generate, inputs, outputs, concurrency_limit=1, concurrency_id="generate")

@@ -63,7 +63,7 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -282,29 +282,38 @@ class Story:
         frames_source: str = "<frames>",
         banked: Collection[str] = (),
         given: Collection[str] | None = None,
+        pictures: Mapping[str, Sequence[str | Path]] | None = None,
     ) -> Story:
         """A story from the demo's two text boxes: `[Name] description` lines and frame lines.
 
         In both texts blank lines and lines starting with `//` are ignored; see the module docstring
         for the frame syntax. The sources name the boxes in errors. `banked`: characters that come
         from saved banks (they need no reference frames). `given`: the settings of `settings` the user
-        set (command-line options); None: those that differ from the defaults. Raises StoryFormatError.
+        set (command-line options); None: those that differ from the defaults. `pictures`: name -> picture
+        files given outside the texts (`--character-image`; see `with_pictures`). Raises StoryFormatError.
         """
         characters = _parse_characters_text(characters_text, _Where(characters_source), _same_line)
         panels = _parse_frames_text(frames_text, characters, _Where(frames_source), _same_line)
         settings = settings if settings is not None else StorySettings()
         story = cls(characters, panels, settings, frames_source, None if given is None else _override_sources(given))
+        story = story.with_pictures(pictures)
         story.validate(banked)
         return story
 
     @classmethod
     def from_file(
-        cls, path: str | Path, overrides: Mapping[str, Any] | None = None, banked: Collection[str] = ()
+        cls,
+        path: str | Path,
+        overrides: Mapping[str, Any] | None = None,
+        banked: Collection[str] = (),
+        pictures: Mapping[str, Sequence[str | Path]] | None = None,
     ) -> Story:
         """A story from a .yaml / .yml / .json file (see the module docstring for the schema).
 
         `overrides` replace settings (e.g. from the command line) before the story is validated;
-        `banked` names characters that come from saved banks (they need no reference frames).
+        `banked` names characters that come from saved banks (they need no reference frames); `pictures`:
+        name -> picture files given outside the file (`--character-image`), which replace the file's `images:`
+        of that character.
         """
         path = Path(path)
         source = str(path)
@@ -327,7 +336,7 @@ class Story:
                 node = None
         else:
             data, node = _load_yaml(text, source)
-        return cls._from_mapping(data, _Nodes(node, source), overrides, banked)
+        return cls._from_mapping(data, _Nodes(node, source), overrides, banked, pictures)
 
     @classmethod
     def from_dict(
@@ -338,7 +347,12 @@ class Story:
 
     @classmethod
     def _from_mapping(
-        cls, data: Any, nodes: _Nodes, overrides: Mapping[str, Any] | None = None, banked: Collection[str] = ()
+        cls,
+        data: Any,
+        nodes: _Nodes,
+        overrides: Mapping[str, Any] | None = None,
+        banked: Collection[str] = (),
+        pictures: Mapping[str, Sequence[str | Path]] | None = None,
     ) -> Story:
         source = nodes.source
         if data is None:
@@ -370,6 +384,7 @@ class Story:
                 where = f"{source} line {line}" if line is not None else f"{source} field {key!r}"
                 given.update(dict.fromkeys(("width", "height") if key == "size" else (key,), where))
         story = cls(characters, panels, settings, source, {**given, **_override_sources(overrides or {})})
+        story = story.with_pictures(pictures)
         story.validate(banked)
         return story
 
@@ -421,6 +436,34 @@ class Story:
                 f"character [{name}] needs id_length={id_length} frames that show only [{name}] (its reference "
                 f"frames), {found}; add frames with [{name}] alone or lower id_length"
             )
+
+    def with_pictures(
+        self, pictures: Mapping[str, Sequence[str | Path]] | None, option: str = "--character-image"
+    ) -> Story:
+        """This story with `pictures` (name -> picture files, relative to the current folder) as its characters'
+        images, replacing any the story gives them; `option` names where they came from in errors."""
+        if not pictures:
+            return self
+        characters = dict(self.characters)
+        for name, files in pictures.items():
+            if name not in characters:
+                known = ", ".join(characters) or "none"
+                raise StoryFormatError(
+                    f"{option} {name}=...: the story has no character [{name}] (its characters: {known}); "
+                    f"write the name as the story does{_did_you_mean(name, tuple(characters))}",
+                    self.source,
+                )
+            paths = []
+            for file in files:
+                path = Path(file).expanduser()
+                if not path.is_file():
+                    raise StoryFormatError(
+                        f"{option} {name}={file}: picture of [{name}] does not exist (looked for {path.resolve()})",
+                        self.source,
+                    )
+                paths.append(path)
+            characters[name] = dataclasses.replace(characters[name], images=tuple(paths))
+        return dataclasses.replace(self, characters=characters)
 
     # -- use ---------------------------------------------------------------------------------
     def character_descriptions(self) -> dict[str, str]:
