@@ -30,7 +30,10 @@ What is measured
    SDXL UNet config on the meta device: fingerprint, 36 CSA layer names, a weights probe of the right length,
    the SDXL scheduler config; 3 styled reference prompts). The tiny run's real file is reported beside it, and
    regenerating a character from its file must give the same bank digest and the same later frame.
-5. Lossy options, each a row: bank bytes at SDXL 1024 px (counted from real `put`s, one entry per layer times
+5. `fixed_level_bank_bytes_per_character`: the same character's bank recorded at one fixed noise level (a
+   picture character, or `bank_from="finished"`/`"sequential"` with a fractional `reference_noise`): one entry
+   per layer that every gated step reads (`IdentityBank.put_shared`), counted from a real bank.
+6. Lossy options, each a row: bank bytes at SDXL 1024 px (counted from real `put`s, one entry per layer times
    its stored count), and on the shipped tiny model (trained weights, real hidden states, 20 steps) the CSA
    layers' output deviation against the exact bank — teacher-forced: the inputs of every CSA layer call of a
    frame read with the exact bank are recorded, and each layer's output with the lossy bank's tokens is
@@ -276,6 +279,20 @@ def sdxl_bank_bytes(dtype: str = "int8", compaction: BankCompaction | None = Non
         total += bank.nbytes * stored
     assert len(layers) == 36
     return total
+
+
+def sdxl_fixed_level_bank_bytes() -> int:
+    """Bytes of a whole 50-step SDXL 1024 px bank recorded at one fixed noise level (a picture character, or
+    `bank_from="finished"` / `"sequential"` with a fractional `reference_noise`): one real bank filled through
+    `put_shared` -- one entry per layer, which every gated step of that layer reads."""
+    gates = sdxl_gates()
+    bank = IdentityBank("fixed level", sdxl_settings(), "int8")
+    for step, name, shape in sdxl_entries(NUM_STEPS):
+        on_steps = [s for s, on in enumerate(gates[name]) if on]
+        if step == on_steps[0]:
+            bank.put_shared(name, torch.zeros(shape), on_steps)
+    assert bank.stored_entries == len(sdxl_decoder_csa_layers(HEIGHT))
+    return bank.nbytes
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,6 +569,12 @@ def main(argv: list[str] | None = None) -> None:
     steps = QUICK_STEPS if args.quick else NUM_STEPS
     full_bytes = sdxl_bank_bytes()
     print(f"SDXL {HEIGHT} px bank, default settings: {full_bytes / 2**30:.2f} GiB per character (int8)", flush=True)
+    fixed_bytes = sdxl_fixed_level_bank_bytes()
+    print(
+        f"  at one fixed noise level (pictures, finished references): {fixed_bytes / 2**20:.1f} MiB "
+        f"(1/{full_bytes / fixed_bytes:.0f})",
+        flush=True,
+    )
 
     measured = {}
     for mode in MODES:  # one after the other: never two banks' RAM or I/O at once
@@ -617,6 +640,9 @@ def main(argv: list[str] | None = None) -> None:
         "steps_filled": steps,
         "reference_images": REFERENCE_IMAGES,
         "bank_bytes_per_character": full_bytes,
+        # a picture's or finished references' bank (`reference_noise` a fraction): one entry per layer
+        "fixed_level_bank_bytes_per_character": fixed_bytes,
+        "fixed_level_vs_step_bank": fixed_bytes / full_bytes,
         "ram_bytes_per_character": default["rss_after_frame_bytes"],
         "peak_ram_bytes_per_character": default["peak_rss_bytes"],
         "counted_resident_bytes_per_character": default["counted_resident_bytes_after_frame"],
@@ -658,6 +684,7 @@ def main(argv: list[str] | None = None) -> None:
         and result["peak_ram_bytes_per_character"] <= 2**30,
         "identical_output": result["identical_output"],
         "recipe_regenerates_exactly": result["recipe_regenerates_exactly"],
+        "fixed_level_bank_le_1_30th": result["fixed_level_vs_step_bank"] <= 1 / 30,
     }
     result["elapsed_s"] = round(time.perf_counter() - began, 1)
     print(json.dumps(result))
