@@ -195,3 +195,14 @@ def test_dits_refuse_a_reference_strength():
 
     with pytest.raises(StoryDiffusionError, match="reference_strength"):
         StoryPipeline(tiny_flux_pipeline(seed=0), CSAConfig(reference_strength=2.0))
+
+
+def test_id_length_binds_only_characters_drawn_here(sd_pipe):
+    """A story whose every character comes from pictures has no reference frames: the default id_length (3)
+    is no reason to refuse its one frame; a character drawn here still needs its solo frames."""
+    pipe = story(sd_pipe, reference_noise=0.0)
+    run = {key: value for key, value in RUN.items() if key != "id_length"}
+    out = pipe(CHARACTERS, ["[Mia] waves"], character_images={"Mia": [picture()]}, **run)
+    assert [f.role for f in out.frames] == ["frame"]
+    with pytest.raises(StoryDiffusionError, match="needs id_length=3 reference frames"):
+        pipe(CHARACTERS, ["[Mia] waves", "[Tom] runs"], character_images={"Mia": [picture()]}, **run)

@@ -516,9 +516,7 @@ def run_story(
         story_pipe(
             story.character_descriptions(),
             frames,
-            # id_length counts the characters drawn here, each with that many solo frames (`Story.validate`);
-            # one that draws none (every character from a file) has no reference frames to fit into its frames
-            id_length=min(s.id_length, len(frames)),
+            id_length=s.id_length,
             num_inference_steps=s.steps,
             guidance_scale=s.guidance,
             height=s.height,

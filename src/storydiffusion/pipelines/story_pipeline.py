@@ -380,10 +380,10 @@ class StoryPipeline:
     ) -> None:
         if not frames:
             raise StoryDiffusionError("frames is empty: give at least one frame")
-        if not isinstance(id_length, int) or not 1 <= id_length <= len(frames):
-            raise StoryDiffusionError(
-                f"id_length={id_length!r} must be an integer from 1 to the number of frames ({len(frames)})"
-            )
+        # only characters drawn here need id_length solo frames (`reference_frames` says which are missing); one
+        # whose every character comes from a bank or pictures has no reference frames at all
+        if isinstance(id_length, bool) or not isinstance(id_length, int) or id_length < 1:
+            raise StoryDiffusionError(f"id_length={id_length!r} must be a whole number of at least 1")
         if frame_batch_size < 1:
             raise StoryDiffusionError(f"frame_batch_size={frame_batch_size} must be at least 1")
         for index, frame in enumerate(frames):
