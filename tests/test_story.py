@@ -396,7 +396,7 @@ BAD_FILES = [
     ("characters: [1, 2]\nframes: ['[NC] a']\n", 1, "characters[0]", "a character is"),
     ("characters:\n  Bob: x\n  Bob: y\nframes: ['[NC] a']\n", 3, "characters.Bob", "given twice"),
     ("characters:\n  Bob:\nframes: ['[NC] a']\n", 2, "characters.Bob", "needs a description"),
-    ("characters:\n  Bob: x\nframes: ['[Bob] a']\n", 2, "characters.Bob", "needs id_length=3"),
+    ("characters:\n  Bob: x\nframes: ['[Bob] a']\nid_length: 3\n", 2, "characters.Bob", "needs id_length=3"),
     ("characters: {Bob: x}\n", 1, None, "missing `frames`"),
 ]
 
@@ -434,7 +434,8 @@ def test_from_dict_has_fields_but_no_lines():
     assert s.source == "api" and s.panels[0].line is None
     error = error_of(Story.from_dict, {"characters": {"Bob": "x"}, "frames": ["[Bob] a", "[Al] b"], "id_length": 1})
     assert (error.source, error.line, error.field) == ("<dict>", None, "frames[1]")
-    assert "frames 0" in str(error_of(Story.from_dict, {"characters": {"Bob": "x"}, "frames": ["[Bob] a"]}))
+    unset = Story.from_dict({"characters": {"Bob": "x"}, "frames": ["[Bob] a"]})  # id_length: the model's
+    assert "frames 0" in str(error_of(unset.validate))
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,3 +565,11 @@ def test_fuzz_story_files(tmp_path_factory, text):
         assert error.source == str(path)
     else:
         check_story(s)
+
+
+def test_an_id_length_the_file_does_not_set_is_checked_when_the_story_runs(tmp_path):
+    """Without `id_length:` the model chooses it (its recommended settings): the file is read, and
+    `validate` (what `run_story` calls once the id_length is known) names the file, line and field."""
+    story = Story.from_file(write(tmp_path, "story.yaml", "characters:\n  Bob: x\nframes: ['[Bob] a']\n"))
+    error = error_of(story.validate)
+    assert error.line == 2 and error.field == "characters.Bob" and "needs id_length=3" in str(error)

@@ -35,6 +35,7 @@ from storydiffusion.pipelines.characters import (
     saved_character_name,
 )
 from storydiffusion.pipelines.loading import auto_dtype, checkpoint_kind, dtype_kwargs
+from storydiffusion.pipelines.recommended import RecommendedSettings, csa_fields, read_recommended
 from storydiffusion.pipelines.story_pipeline import FrameInfo, StoryPipeline
 from storydiffusion.story.comic import ComicLayout, check_captions, make_comic, save_comic
 from storydiffusion.story.format import Story, StorySettings
@@ -155,7 +156,13 @@ def load_story_pipeline(model: str, options: RunOptions, csa_config: CSAConfig) 
                 "" if Path(model).exists() else " (no such folder; a hub id needs the network and HF_HUB_OFFLINE unset)"
             )
             raise StoryDiffusionError(f"cannot load model {model!r}{hint}: {str(error).splitlines()[0]}") from error
-    story = StoryPipeline(pipe, csa_config, bank_dtype=options.bank_dtype, bank_storage=options.bank_storage)
+    story = StoryPipeline(
+        pipe,
+        csa_config,
+        bank_dtype=options.bank_dtype,
+        bank_storage=options.bank_storage,
+        recommended=model_recommended(model),
+    )
     if options.cpu_offload:
         # plain "cuda" offloads to GPU 0; under `accelerate launch` each process's current GPU is its own
         pipe.enable_model_cpu_offload(device=f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device)
@@ -212,6 +219,13 @@ def run_settings(
     }
     if s.regional_prompts:  # only then, so folders made before this setting existed still resume
         settings["regional_prompts"] = True
+    csa = story_csa_config(story, model_recommended(model, pipeline))
+    other_csa = {  # CSA settings a model's storydiffusion.json changed: only then, so older folders still resume
+        key: value for key, value in csa_fields(csa).items()
+        if key not in ("rate",) and value != csa_fields(CSAConfig()).get(key)
+    }  # fmt: skip
+    if other_csa:
+        settings["csa"] = other_csa
     if bank_files:  # only then, so runs without given banks resume folders made before this key existed
         settings["banks"] = sorted(_file_digest(Path(path)) for path in bank_files)
     pictures = story.character_images()
@@ -355,6 +369,51 @@ def with_character_settings(story: Story, bank_files: Sequence[str | Path], defa
     return dataclasses.replace(story, settings=dataclasses.replace(story.settings, **updates))
 
 
+def model_recommended(model: str, pipeline: StoryPipeline | None = None) -> RecommendedSettings | None:
+    """The recommended settings of `model` (its folder's `storydiffusion.json`), or those `pipeline` holds."""
+    if pipeline is not None and pipeline.recommended is not None:
+        return pipeline.recommended
+    if model in TINY_RANDOM_MODELS:
+        return None
+    from storydiffusion.world.models import resolve_model
+
+    return read_recommended(resolve_model(model))
+
+
+# the story settings a model's recommended settings fill: StorySettings name -> RecommendedSettings name
+_RECOMMENDED_STORY_SETTINGS = {"steps": "steps", "guidance": "guidance", "width": "width", "height": "height",
+                               "id_length": "id_length"}  # fmt: skip
+
+
+def with_recommended_settings(story: Story, recommended: RecommendedSettings | None, keep: Sequence[str] = ()) -> Story:
+    """`story` with the model's recommended steps, guidance, size, id_length and CSA rate for those its author did
+    not set (`Story.given_settings`) and `keep` (settings a saved character decides) does not name."""
+    if recommended is None:
+        return story
+    given = {*story.given_settings(), *keep}
+    updates = {
+        name: getattr(recommended, field_name)
+        for name, field_name in _RECOMMENDED_STORY_SETTINGS.items()
+        if name not in given and getattr(recommended, field_name) is not None
+    }
+    if "rate" not in given and "rate" in recommended.csa:
+        updates["rate"] = recommended.csa["rate"]
+    if not updates:
+        return story
+    return dataclasses.replace(story, settings=dataclasses.replace(story.settings, **updates))
+
+
+def story_csa_config(story: Story, recommended: RecommendedSettings | None = None) -> CSAConfig:
+    """The CSA settings a story runs with: the model's recommended ones, with the story's rate and regional
+    prompts over them."""
+    base = recommended or RecommendedSettings()
+    return base.csa_config(rate=story.settings.rate, regional_prompts=story.settings.regional_prompts)
+
+
+def _character_setting_names(bank_files: Sequence[str | Path]) -> list[str]:
+    return sorted({name for path in bank_files for name in saved_character_settings(Path(path))})
+
+
 def _panel_record(info: FrameInfo, caption: str, file: str) -> dict[str, Any]:
     return {
         "index": info.index,
@@ -457,6 +516,9 @@ def run_story(
     out = Path(out)
     story = with_character_settings(story, bank_files, options.model)  # before the settings are recorded
     model = story.settings.model or options.model
+    recommended = model_recommended(model, pipeline)
+    story = with_recommended_settings(story, recommended, keep=_character_setting_names(bank_files))
+    story.validate(banked=[saved_character_name(path) for path in bank_files])  # with the final id_length
     settings = run_settings(story, model, options, bank_files, pipeline)
     s = story.settings
     check_captions([panel.caption for panel in story.panels], options.layout)  # before minutes of drawing
@@ -465,7 +527,7 @@ def run_story(
     for folder in (out, out / "banks"):  # what a run killed outright (SIGKILL) left mid-write: this run owns them
         remove_partials(folder)
 
-    csa_config = CSAConfig(rate=s.rate, regional_prompts=s.regional_prompts)
+    csa_config = story_csa_config(story, recommended)
     story_pipe = pipeline or load_story_pipeline(model, options, csa_config)
     frames = story.to_frames()
     infos = StoryPipeline.frame_infos(frames, seed=s.seed, same_initial_noise=s.same_initial_noise)

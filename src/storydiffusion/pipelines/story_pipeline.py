@@ -61,6 +61,7 @@ from storydiffusion.pipelines.prompts import (
     phrase_positions,
     sequence_phrase_positions,
 )
+from storydiffusion.pipelines.recommended import PAPER_DEFAULTS, RecommendedSettings, read_recommended
 
 logger = logging.getLogger(__name__)
 
@@ -237,11 +238,17 @@ class StoryPipeline:
         bank_device: str | torch.device = "cpu",
         bank_storage: BankStorage | str = "auto",
         bank_compaction: BankCompaction | None = None,
+        recommended: RecommendedSettings | None = None,
     ) -> None:
         check_pipeline(pipe)
         if bank_dtype not in STORAGE_DTYPES:
             raise StoryDiffusionError(f"bank_dtype={bank_dtype!r} is not supported; use one of {STORAGE_DTYPES}")
         self.pipe = pipe
+        # the model's `storydiffusion.json` (`from_pretrained` reads it): its CSA settings when none are given,
+        # its steps / guidance / size / id_length for calls that set none
+        self.recommended = recommended
+        if csa_config is None and recommended is not None:
+            csa_config = recommended.csa_config()
         self.csa = ConsistentAttention(csa_config)
         self.bank_dtype = bank_dtype
         self.bank_device = torch.device(bank_device)
@@ -267,9 +274,13 @@ class StoryPipeline:
         bank_storage: BankStorage | str = "auto",
         **kwargs: Any,
     ) -> StoryPipeline:
-        """Load a checkpoint (hub id or folder) with `DiffusionPipeline.from_pretrained(model, **kwargs)`."""
+        """Load a checkpoint (hub id or folder) with `DiffusionPipeline.from_pretrained(model, **kwargs)`.
+
+        A `storydiffusion.json` beside the model's files (`pipelines.recommended`) gives the CSA settings when
+        `csa_config` is None and the call defaults (steps, guidance, size, id_length) a call does not set."""
         pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
-        return cls(pipe, csa_config, bank_dtype, bank_device, bank_storage)
+        recommended = read_recommended(model)
+        return cls(pipe, csa_config, bank_dtype, bank_device, bank_storage, recommended=recommended)
 
     def to(self, *args: Any, **kwargs: Any) -> StoryPipeline:
         self.pipe.to(*args, **kwargs)
@@ -288,7 +299,16 @@ class StoryPipeline:
         return f"StoryPipeline(pipe={type(self.pipe).__name__}, csa={self.csa})"
 
     # -- settings --------------------------------------------------------------------------
+    def generation_defaults(self) -> dict[str, Any]:
+        """steps, guidance and id_length for a call that sets none: the model's recommended settings (its
+        `storydiffusion.json`), else the paper's (50, 5.0, 3)."""
+        recommended = self.recommended.generation() if self.recommended is not None else {}
+        return {key: recommended.get(key, value) for key, value in PAPER_DEFAULTS.items()}
+
     def default_size(self) -> tuple[int, int]:
+        """(height, width) of a call that sets none: the model's recommended size, else its own sample size."""
+        if self.recommended is not None and self.recommended.height and self.recommended.width:
+            return self.recommended.height, self.recommended.width
         if self.kind == "unet":
             side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         else:
@@ -504,10 +524,10 @@ class StoryPipeline:
         characters: Mapping[str, str],
         frames: Sequence[str | Frame],
         *,
-        id_length: int = 3,
+        id_length: int | None = None,
         negative_prompt: str = "",
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int = 0,
@@ -529,6 +549,8 @@ class StoryPipeline:
             characters: name -> description, substituted for `[Name]` in string frames.
             frames: one entry per panel: a string with `[Name]` / `[NC]` tags, or a `Frame`.
             id_length: reference frames per character (its first frames naming only that character).
+            id_length, num_inference_steps, guidance_scale, height, width: None -- the model's recommended
+                settings (`storydiffusion.json`, `generation_defaults`, `default_size`), else the paper's.
             seed: frame i's initial noise comes from seed + i (or seed alone with `same_initial_noise`,
                 the public code's consistency prior); token sampling from seeds derived from it.
             banks: saved characters to reuse (`IdentityBank.load`); they skip the reference phase.
@@ -545,6 +567,10 @@ class StoryPipeline:
                 and `controlnet_conditioning_scale=`; an IP-Adapter's `ip_adapter_image=`, used for every frame).
         """
         # 1. Check inputs
+        defaults = self.generation_defaults()
+        id_length = defaults["id_length"] if id_length is None else id_length
+        num_inference_steps = defaults["steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults["guidance"] if guidance_scale is None else guidance_scale
         banks = dict(banks or {})
         resolved = [f if isinstance(f, Frame) else parse_frame(f, characters) for f in frames]
         self.check_inputs(

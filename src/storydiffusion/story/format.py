@@ -297,7 +297,7 @@ class Story:
         settings = settings if settings is not None else StorySettings()
         story = cls(characters, panels, settings, frames_source, None if given is None else _override_sources(given))
         story = story.with_pictures(pictures)
-        story.validate(banked)
+        story._validate_parsed(banked)
         return story
 
     @classmethod
@@ -385,7 +385,7 @@ class Story:
                 given.update(dict.fromkeys(("width", "height") if key == "size" else (key,), where))
         story = cls(characters, panels, settings, source, {**given, **_override_sources(overrides or {})})
         story = story.with_pictures(pictures)
-        story.validate(banked)
+        story._validate_parsed(banked)
         return story
 
     def given_settings(self) -> dict[str, str]:
@@ -403,6 +403,15 @@ class Story:
         if not self.panels:
             raise StoryFormatError("the story has no frames; add one line per panel", self.source, None, None)
         self.validate_references(banked=banked)
+
+    def _validate_parsed(self, banked: Collection[str]) -> None:
+        """`validate` as a story is read. Where the settings its author set are recorded (a story file, the
+        command line) and id_length is not among them, id_length is the model's to choose (its recommended
+        settings; `runner.run_story` validates again with it), so only one solo frame is needed now."""
+        if not self.panels:
+            raise StoryFormatError("the story has no frames; add one line per panel", self.source, None, None)
+        given = self.given is None or "id_length" in self.given
+        self.validate_references(self.settings.id_length if given else 1, banked=banked)
 
     def validate_references(self, id_length: int | None = None, banked: Collection[str] = ()) -> None:
         """Every character named in a frame, unless `banked` (drawn from a saved bank), needs
