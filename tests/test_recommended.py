@@ -106,3 +106,12 @@ def test_a_bad_file_is_one_error_naming_the_file_and_key(tmp_path, data, expecte
     with pytest.raises(StoryDiffusionError, match=expected) as raised:
         read_recommended(folder)
     assert str(folder / RECOMMENDED_FILE) in str(raised.value)
+
+
+def test_the_web_ui_form_starts_from_the_models_settings(model_dir):
+    from storydiffusion.app.ui import StoryApp
+
+    values = StoryApp.model_defaults(str(model_dir))
+    assert (values["steps"], values["guidance"], values["id_length"], values["size"], values["rate"]) == (
+        3, 2.0, 1, "64x64", "1.0",
+    )  # fmt: skip

@@ -80,14 +80,15 @@ def test_eval_end_to_end_on_a_reduced_set(monkeypatch, capsys, tmp_path):
         assert not stop.code
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
-    for arm in ("baseline", "shared_noise", "csa", "csa_shared_noise", "csa_finished", "csa_sequential"):
+    arms = ("baseline", "shared_noise", "csa", "csa_shared_noise", "csa_finished", "csa_sequential", "recommended")
+    for arm in arms:  # recommended: the shipped model's storydiffusion.json
         scores = printed[arm]
         assert set(scores) == {"identity_agreement", "prompt_alignment", "clip_i", "clip_t", "per_attribute"}
         assert 0.0 <= scores["identity_agreement"] <= 1.0 and 0.0 <= scores["prompt_alignment"] <= 1.0
         assert -1.0 <= scores["clip_t"] <= 1.0
     assert 0.0 <= printed["within_strip_agreement"] <= 1.0
     assert printed["stories"] == 2 and printed["seeds"] == [0]
-    assert len(list((tmp_path / "images").glob("*.png"))) == 2 * 7  # 2 stories x (6 arms + strip)
+    assert len(list((tmp_path / "images").glob("*.png"))) == 2 * 8  # 2 stories x (7 arms + strip)
 
 
 def test_eval_pictures_end_to_end(monkeypatch, capsys, tmp_path):

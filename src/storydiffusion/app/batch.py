@@ -53,12 +53,15 @@ from storydiffusion.app.runner import (
     RunOptions,
     execution_device,
     load_story_pipeline,
+    model_recommended,
+    resolve_settings,
     run_settings,
     run_story,
 )
 from storydiffusion.csa.attention import CSAConfig
 from storydiffusion.errors import StoryDiffusionError
 from storydiffusion.files import write_atomically
+from storydiffusion.pipelines.recommended import RecommendedSettings
 from storydiffusion.pipelines.story_pipeline import StoryPipeline
 from storydiffusion.story.format import STORY_SUFFIXES, Story, StorySettings
 from storydiffusion.story.prompt_sets import PROMPT_SETS, is_prompt_set, read_prompt_set
@@ -314,7 +317,11 @@ class PipelineCache:
             self.model = model
         assert self.loaded is not None
         return StoryPipeline(
-            self.loaded.pipe, csa_config, bank_dtype=self.options.bank_dtype, bank_storage=self.options.bank_storage
+            self.loaded.pipe,
+            csa_config,
+            bank_dtype=self.options.bank_dtype,
+            bank_storage=self.options.bank_storage,
+            recommended=self.loaded.recommended,
         )
 
     def release(self) -> None:
@@ -380,7 +387,9 @@ def run_batch(
     exit_after = _exit_after(index)
     run_options = dataclasses.replace(options, progress=False)  # one bar per process instead of the story's
     pipelines = pipelines or PipelineCache(run_options)
-    base_csa = csa_config or CSAConfig()
+    # the CSA settings of each model: those given, else the model's recommended ones (its storydiffusion.json)
+    base_csa = {model: csa_config or (model_recommended(model) or RecommendedSettings()).csa_config()
+                for model in {_model_of(item, options) for item in mine}}  # fmt: skip
     done_before = {item.name: panels_on_disk(out / item.name) for item in mine}
     written = 0
     generated = skipped = 0
@@ -397,7 +406,7 @@ def run_batch(
     ) as bar:
         for item in mine:
             model = _model_of(item, options)
-            story_pipe = pipelines.get(model, story_csa_config(base_csa, item.story.settings))
+            story_pipe = pipelines.get(model, story_csa_config(base_csa[model], item.story.settings))
             if model not in checked:  # every folder of this model checked before minutes of drawing
                 _check_folders([s for s in mine if _model_of(s, options) == model], out, run_options, story_pipe)
                 checked.add(model)
@@ -434,7 +443,8 @@ def _check_folders(items: Sequence[BatchStory], out: Path, options: RunOptions, 
     if options.overwrite:
         return
     for item in items:
-        settings = run_settings(item.story, _model_of(item, options), options, (), pipeline)
+        story = resolve_settings(item.story, options, (), pipeline)
+        settings = run_settings(story, _model_of(item, options), options, (), pipeline)
         Manifest.open(out / item.name, settings, overwrite=False)
 
 

@@ -88,7 +88,9 @@ def _given(**settings: object) -> dict[str, object]:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the panels, comic and banks.")] = Path("storydiffusion-demo"),
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Denoising steps; default: the model's recommended (tiny: 20).")
+    ] = None,
     seed: Annotated[int, typer.Option(min=0, help="Story seed.")] = 0,
     model: Annotated[str | None, typer.Option(help="'tiny' (default, shipped) or 'tiny-random'.")] = None,
 ) -> None:
@@ -97,24 +99,19 @@ def demo(
     from storydiffusion.app.runner import TINY_RANDOM, RunOptions, default_model, run_story
     from storydiffusion.story.comic import ComicLayout
     from storydiffusion.story.format import Story, StorySettings
-    from storydiffusion.world.models import TINY, TINY_SIZE
+    from storydiffusion.world.models import TINY
 
     model = model or default_model()
     if model not in (TINY, TINY_RANDOM):
         raise typer.BadParameter(f"--model {model!r}: the demo runs 'tiny' or 'tiny-random'; use `story` for others")
-    # The tiny model keeps a character best at CSA rate 1 (benchmarks/tiny_csa_sweep.py: +0.09 identity agreement
-    # over rate 0.5 at the same prompt alignment); the library's default stays the public code's 0.5.
-    if model == TINY:
-        characters, frames, size, style, guidance, rate = DEMO_CHARACTERS, DEMO_FRAMES, TINY_SIZE, "No style", 4.0, 1.0
+    given = {"seed": seed, "style": "No style", "model": model, **({"steps": steps} if steps else {})}
+    if model == TINY:  # steps, guidance, size, id_length and CSA: the model's storydiffusion.json
+        characters, frames = DEMO_CHARACTERS, DEMO_FRAMES
     else:
-        characters, frames, size, style, guidance, rate = (
-            RANDOM_DEMO_CHARACTERS, RANDOM_DEMO_FRAMES, 128, "Comic book", 5.0, 0.5
-        )  # fmt: skip
-    settings = StorySettings(
-        seed=seed, steps=steps, guidance=guidance, width=size, height=size, id_length=2, style=style, model=model,
-        rate=rate,
-    )  # fmt: skip
-    story = Story.from_text(characters, frames, settings)
+        characters, frames = RANDOM_DEMO_CHARACTERS, RANDOM_DEMO_FRAMES
+        given.update(style="Comic book", steps=steps or 20, guidance=5.0, width=128, height=128, id_length=2, rate=0.5)
+    settings = StorySettings(**given)
+    story = Story.from_text(characters, frames, settings, given=list(given))
     started = time.perf_counter()
     options = RunOptions(device="cpu", layout=ComicLayout(kind="grid", rows=3, cols=2), overwrite=True)
     result = run_story(story, out, options)

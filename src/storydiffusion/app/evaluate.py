@@ -4,6 +4,7 @@ optionally save every generated story as a strip."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,10 @@ def run_eval(
     else:
         eval_stories = load_eval_stories(stories) if stories is not None else default_stories(count)
     # The story command's loader (device, dtype, `tiny`, clear errors); each arm wraps the pipe in its own CSA.
-    pipe = load_story_pipeline(model, RunOptions(device=device, progress=False), settings.csa).pipe
+    story_pipe = load_story_pipeline(model, RunOptions(device=device, progress=False), settings.csa)
+    pipe = story_pipe.pipe
+    if settings.recommended is None and story_pipe.recommended is not None:  # the `recommended` arm
+        settings = dataclasses.replace(settings, recommended=story_pipe.recommended)
     classifier = load_default_classifier(pipe.device)
 
     on_story = None

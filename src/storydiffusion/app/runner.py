@@ -219,7 +219,7 @@ def run_settings(
     }
     if s.regional_prompts:  # only then, so folders made before this setting existed still resume
         settings["regional_prompts"] = True
-    csa = story_csa_config(story, model_recommended(model, pipeline))
+    csa = pipeline.csa.config if pipeline is not None else story_csa_config(story, model_recommended(model))
     other_csa = {  # CSA settings a model's storydiffusion.json changed: only then, so older folders still resume
         key: value for key, value in csa_fields(csa).items()
         if key not in ("rate",) and value != csa_fields(CSAConfig()).get(key)
@@ -369,6 +369,19 @@ def with_character_settings(story: Story, bank_files: Sequence[str | Path], defa
     return dataclasses.replace(story, settings=dataclasses.replace(story.settings, **updates))
 
 
+def resolve_settings(
+    story: Story, options: RunOptions, bank_files: Sequence[str | Path] = (), pipeline: StoryPipeline | None = None
+) -> Story:
+    """The settings a story runs with, checked: its own, then its saved characters' (`with_character_settings`),
+    then its model's recommended ones (`with_recommended_settings`), then the paper's defaults."""
+    story = with_character_settings(story, bank_files, options.model)
+    model = story.settings.model or options.model
+    recommended = model_recommended(model, pipeline)
+    story = with_recommended_settings(story, recommended, keep=_character_setting_names(bank_files))
+    story.validate(banked=[saved_character_name(path) for path in bank_files])  # with the final id_length
+    return story
+
+
 def model_recommended(model: str, pipeline: StoryPipeline | None = None) -> RecommendedSettings | None:
     """The recommended settings of `model` (its folder's `storydiffusion.json`), or those `pipeline` holds."""
     if pipeline is not None and pipeline.recommended is not None:
@@ -514,11 +527,9 @@ def run_story(
     if options.bank_cache not in BANK_CACHES:
         raise StoryDiffusionError(f"--bank-cache {options.bank_cache!r} is not one of {BANK_CACHES}")
     out = Path(out)
-    story = with_character_settings(story, bank_files, options.model)  # before the settings are recorded
+    story = resolve_settings(story, options, bank_files, pipeline)  # before the settings are recorded
     model = story.settings.model or options.model
     recommended = model_recommended(model, pipeline)
-    story = with_recommended_settings(story, recommended, keep=_character_setting_names(bank_files))
-    story.validate(banked=[saved_character_name(path) for path in bank_files])  # with the final id_length
     settings = run_settings(story, model, options, bank_files, pipeline)
     s = story.settings
     check_captions([panel.caption for panel in story.panels], options.layout)  # before minutes of drawing

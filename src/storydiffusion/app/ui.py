@@ -38,7 +38,9 @@ from storydiffusion.app.runner import (
     RunResult,
     default_model,
     load_story_pipeline,
+    model_recommended,
     run_story,
+    story_csa_config,
 )
 from storydiffusion.csa.attention import CSAConfig
 from storydiffusion.errors import StoryDiffusionError
@@ -178,8 +180,13 @@ def make_story(
         characters_source="Characters",
         frames_source="Frames",
         banked=banked,
+        # every setting is on the form, so the user set each (the model's recommended ones only fill it first)
+        given=[name for name in FORM_SETTINGS if name not in ("width", "height") or width],
         pictures={name: list(files) for name, files in (pictures or {}).items() if name in defined and files},
     )
+
+
+FORM_SETTINGS = ("style", "seed", "steps", "guidance", "width", "height", "id_length", "rate", "model")
 
 
 def character_names(text: str) -> list[str]:
@@ -293,11 +300,28 @@ class StoryApp:
 
     @staticmethod
     def model_defaults(model: str) -> dict[str, Any]:
-        """The form's starting values: the tiny model's own size and guidance, or SDXL-like ones."""
+        """The form's starting values: the model's recommended settings (its storydiffusion.json) where it has
+        them, else the tiny model's own size and guidance, or SDXL-like ones."""
         common = {"id_length": 2, "rate": "0.5", "seed": 0, "characters": "", "frames": ""}
         if model == TINY or model in TINY_RANDOM_MODELS:
-            return {**common, "style": DEFAULT_STYLE, "steps": 20, "guidance": 4.0, "size": f"{TINY_SIZE}x{TINY_SIZE}"}
-        return {**common, "style": "Comic book", "steps": 30, "guidance": 5.0, "size": ""}
+            values = {
+                **common,
+                "style": DEFAULT_STYLE,
+                "steps": 20,
+                "guidance": 4.0,
+                "size": f"{TINY_SIZE}x{TINY_SIZE}",
+            }
+        else:
+            values = {**common, "style": "Comic book", "steps": 30, "guidance": 5.0, "size": ""}
+        recommended = model_recommended(model)
+        if recommended is not None:
+            values.update({key: value for key in ("steps", "guidance", "id_length")
+                           if (value := getattr(recommended, key)) is not None})  # fmt: skip
+            if recommended.width and recommended.height:
+                values["size"] = f"{recommended.width}x{recommended.height}"
+            if isinstance(recommended.csa.get("rate"), int | float):
+                values["rate"] = str(recommended.csa["rate"])
+        return values
 
     # -- generation ----------------------------------------------------------------------------
     def _pipeline(self, model: str) -> Any:
@@ -346,11 +370,13 @@ class StoryApp:
             try:
                 with self._lock:
                     # a fresh StoryPipeline per run: its CSA settings (the rate) are this story's
+                    recommended = model_recommended(model)
                     pipe = StoryPipeline(
                         self._pipeline(model),
-                        CSAConfig(rate=s.rate),
+                        story_csa_config(story, recommended),
                         bank_dtype=options.bank_dtype,
                         bank_storage=options.bank_storage,
+                        recommended=recommended,
                     )
                     result = run_story(
                         story,

@@ -1,6 +1,6 @@
 """Measuring consistency exactly in the tiny world: `storydiffusion eval`.
 
-Every story is generated with the same seeds in four arms, so CSA's own effect is isolated:
+Every story is generated with the same seeds in every arm, so CSA's own effect is isolated:
 
     baseline          CSA off, every panel from its own initial noise
     shared_noise      CSA off, every panel from the same initial noise (the public code's prior)
@@ -10,6 +10,8 @@ Every story is generated with the same seeds in four arms, so CSA's own effect i
     csa_sequential    CSA on, the references drawn one after another, each reading the ones before it
                       (`bank_from="sequential"`); both read their references clean (`reference_noise=0.0`)
                       unless the csa settings give a fixed level
+    recommended       the model's own recommended settings (its `storydiffusion.json`: CSA settings, steps,
+                      guidance), when it has them
 
 and once more as a *strip*: all of a story's panels generated together with full mutual
 self-attention at every layer and step -- the multi-panel canvas the tiny model was trained on, which
@@ -44,6 +46,7 @@ import numpy as np
 
 from storydiffusion.csa.attention import CSAConfig, CSASchedule
 from storydiffusion.errors import StoryDiffusionError
+from storydiffusion.pipelines.recommended import RecommendedSettings
 from storydiffusion.story.format import Story, StoryFormatError
 from storydiffusion.world import render as world
 from storydiffusion.world.classifier import SCORED_IDENTITY_ATTRIBUTES, agreement
@@ -235,6 +238,8 @@ class EvalSettings:
     guidance: float = 4.0
     csa: CSAConfig = field(default_factory=CSAConfig)
     seeds: tuple[int, ...] = (0, 1, 2)
+    # the model's storydiffusion.json: with it, the `recommended` arm (its CSA settings, steps and guidance)
+    recommended: RecommendedSettings | None = None
 
 
 def strip_config() -> CSAConfig:
@@ -253,6 +258,7 @@ def arm_settings(settings: EvalSettings) -> dict[str, tuple[CSAConfig, bool]]:
         "csa_shared_noise": (settings.csa, True),
         "csa_finished": (replace(settings.csa, bank_from="finished", reference_noise=noise), False),
         "csa_sequential": (replace(settings.csa, bank_from="sequential", reference_noise=noise), False),
+        **({"recommended": (settings.recommended.csa_config(), False)} if settings.recommended else {}),
         "strip": (strip_config(), False),
     }
 
@@ -281,6 +287,10 @@ def evaluate(
     total, done = len(arms) * len(stories) * len(settings.seeds), 0
     for arm, (config, shared_noise) in arms.items():
         story_pipe = StoryPipeline(pipe, config)
+        steps, guidance = settings.steps, settings.guidance
+        if arm == "recommended":  # the model's own steps and guidance too
+            steps = settings.recommended.steps or steps
+            guidance = settings.recommended.guidance or guidance
         runs, predictions, clip_i, clip_t = [], [], [], []
         for seed in settings.seeds:
             for story in stories:
@@ -290,8 +300,8 @@ def evaluate(
                     story.story.character_descriptions(),
                     frames,
                     id_length=id_length,
-                    num_inference_steps=settings.steps,
-                    guidance_scale=settings.guidance,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
                     seed=seed,
                     same_initial_noise=shared_noise,
                     progress=False,
