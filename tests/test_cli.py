@@ -1,6 +1,8 @@
 """The `storydiffusion` command end to end on a tiny model folder: files, metadata, resume, errors."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -287,3 +289,19 @@ def test_character_image_option_draws_the_character_as_the_story_files_images_do
             "--character-image", value, *FAST,
         )  # fmt: skip
         assert code == 1 and expected in stderr and "Traceback" not in stderr, stderr
+
+
+def test_a_malformed_story_file_is_refused_before_torch_loads(tmp_path):
+    """The story is read and checked first: a mistake in it is one line at once, not after seconds of importing
+    torch and diffusers (checked in a fresh interpreter: torch is never imported)."""
+    bad = tmp_path / "story.yaml"
+    bad.write_text("characters:\n  Bob: x\nframes: [\n")
+    script = (
+        "import sys\nfrom storydiffusion.app import cli\n"
+        f"sys.argv = ['storydiffusion', 'story', {str(bad)!r}, '--out', {str(tmp_path / 'out')!r}]\n"
+        "try:\n    cli.main()\nexcept SystemExit as stop:\n    print('exit', stop.code)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "exit 1" in done.stdout and "torch imported: False" in done.stdout, done.stdout + done.stderr
+    assert done.stderr.startswith(f"error: {bad}, line 4: YAML syntax error")

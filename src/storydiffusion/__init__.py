@@ -3,14 +3,20 @@
 from importlib import import_module
 from typing import Any
 
-from .csa.attention import ConsistentSelfAttnProcessor, CSAConfig, CSASchedule
-from .csa.bank import BankSettings, IdentityBank
-from .csa.controller import ConsistentAttention
-from .csa.joint import FluxConsistentAttnProcessor, JointConsistentAttnProcessor, SD3ConsistentAttnProcessor
 from .errors import BankMismatchError, StoryDiffusionError
 
-# Heavier pieces load on first use, so `import storydiffusion` stays quick for the command line.
+# Everything that needs torch loads on first use, so `import storydiffusion` (and the command line checking a
+# story file) stays quick.
 _LAZY = {
+    "ConsistentSelfAttnProcessor": "csa.attention",
+    "CSAConfig": "csa.attention",
+    "CSASchedule": "csa.attention",
+    "BankSettings": "csa.bank",
+    "IdentityBank": "csa.bank",
+    "ConsistentAttention": "csa.controller",
+    "FluxConsistentAttnProcessor": "csa.joint",
+    "JointConsistentAttnProcessor": "csa.joint",
+    "SD3ConsistentAttnProcessor": "csa.joint",
     "StoryPipeline": "pipelines.story_pipeline",
     "StoryPipelineOutput": "pipelines.story_pipeline",
     "Frame": "pipelines.story_pipeline",
@@ -29,24 +35,15 @@ _LAZY = {
 }
 
 
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'storydiffusion' has no attribute {name!r}")
 
 
-__all__ = [
-    "BankMismatchError",
-    "BankSettings",
-    "CSAConfig",
-    "CSASchedule",
-    "ConsistentAttention",
-    "ConsistentSelfAttnProcessor",
-    "FluxConsistentAttnProcessor",
-    "IdentityBank",
-    "JointConsistentAttnProcessor",
-    "SD3ConsistentAttnProcessor",
-    "StoryDiffusionError",
-    *_LAZY,
-]
+__all__ = ["BankMismatchError", "StoryDiffusionError", *_LAZY]
 __version__ = "0.1.0"

@@ -177,8 +177,7 @@ def story_command(
     ] = None,
 ) -> None:
     """Generate a story's panels, its comic pages and PDF into OUT (resuming what OUT already holds)."""
-    from storydiffusion.app.runner import RunOptions, run_story
-    from storydiffusion.story.comic import ComicLayout
+    # the story is read and checked before torch and diffusers load: a mistake in it is said at once
     from storydiffusion.story.format import Story, StorySettings
 
     overrides = _given(
@@ -197,9 +196,11 @@ def story_command(
     )
     if (story_file is None) == (characters is None and frames is None):
         raise StoryDiffusionError("give either a STORY file or --characters and --frames, not both or neither")
-    from storydiffusion.pipelines.characters import saved_character_name
+    banked = []  # saved characters need no reference frames
+    if bank:
+        from storydiffusion.pipelines.characters import saved_character_name
 
-    banked = [saved_character_name(path) for path in bank or ()]  # they need no reference frames
+        banked = [saved_character_name(path) for path in bank]
     pictures = _character_images(character_image or ())
     if story_file is not None:
         story = Story.from_file(story_file, overrides, banked=banked, pictures=pictures)
@@ -217,6 +218,9 @@ def story_command(
             pictures=pictures,
         )
     settings = story.settings
+    from storydiffusion.app.runner import RunOptions, run_story
+    from storydiffusion.story.comic import ComicLayout
+
     options = RunOptions(
         device=device,
         dtype=dtype,
