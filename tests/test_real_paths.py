@@ -280,3 +280,21 @@ def test_chunked_path_honours_the_lora_text_encoder_scale(sd_pipe):
     torch.testing.assert_close(zero, base)  # and its scale is applied: 0 switches it off
     again = prompts.encode_frames(sd_pipe, [LONG], [""])["prompt_embeds"]
     torch.testing.assert_close(again, full)  # the scale is undone after the call
+
+
+def test_the_dtype_keyword_follows_the_installed_versions(monkeypatch):
+    """`dtype=` from diffusers 0.40 and transformers 4.56 on, `torch_dtype=` before: read from the versions."""
+    import diffusers
+    import transformers
+
+    from storydiffusion.pipelines import loading
+
+    for library, module, old, new in (("diffusers", diffusers, "0.39.1", "0.40.0"),
+                                      ("transformers", transformers, "4.55.4", "4.56.0")):  # fmt: skip
+        for version, keyword in ((old, "torch_dtype"), (new, "dtype")):
+            monkeypatch.setattr(module, "__version__", version)
+            loading._diffusers_takes_dtype.cache_clear()
+            loading._transformers_takes_dtype.cache_clear()
+            assert loading.dtype_kwargs(torch.float16, library) == {keyword: torch.float16}
+    loading._diffusers_takes_dtype.cache_clear()
+    loading._transformers_takes_dtype.cache_clear()

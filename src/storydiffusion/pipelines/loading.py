@@ -1,50 +1,44 @@
 """Which dtype to load a model in, and the dtype keyword of `from_pretrained` spelled the way the installed
 library wants it.
 
-Recent diffusers (0.42 here; told apart by what its `from_pretrained` reads) and transformers (4.56 on)
-take `dtype=` and warn about the older `torch_dtype=`; older releases take only `torch_dtype=`.
+Diffusers from 0.40 and transformers from 4.56 take `dtype=` and warn about the older `torch_dtype=`; older
+releases take only `torch_dtype=`: the installed version decides.
 `from_pretrained(path, **dtype_kwargs(torch.float32))` loads in that dtype without a warning on either.
 `auto_dtype` picks the dtype itself, by device and by the kind of denoiser (`checkpoint_kind`).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-_POPS_DTYPE = re.compile(r"""\.pop\(\s*["']dtype["']""")
+# the first releases whose `from_pretrained` take `dtype=` (and warn about `torch_dtype=`)
+DIFFUSERS_DTYPE_SINCE = (0, 40)
+TRANSFORMERS_DTYPE_SINCE = (4, 56)
 
 
-def _takes_dtype(function: Any) -> bool:
-    """Whether `function` takes a `dtype` keyword: a parameter of that name, or one it pops from **kwargs."""
-    function = inspect.unwrap(getattr(function, "__func__", function))
-    try:
-        if "dtype" in inspect.signature(function).parameters:
-            return True
-        return bool(_POPS_DTYPE.search(inspect.getsource(function)))
-    except (OSError, TypeError, ValueError):  # no source (a frozen install): the old spelling always works
-        return False
+def _release(version: str) -> tuple[int, ...]:
+    from packaging.version import Version
+
+    return Version(version).release
 
 
 @cache
 def _diffusers_takes_dtype() -> bool:
-    from diffusers import DiffusionPipeline, ModelMixin
+    import diffusers
 
-    return _takes_dtype(DiffusionPipeline.from_pretrained) and _takes_dtype(ModelMixin.from_pretrained)
+    return _release(diffusers.__version__) >= DIFFUSERS_DTYPE_SINCE
 
 
 @cache
 def _transformers_takes_dtype() -> bool:
     import transformers
-    from packaging.version import Version
 
-    return Version(transformers.__version__).release >= (4, 56)
+    return _release(transformers.__version__) >= TRANSFORMERS_DTYPE_SINCE
 
 
 def dtype_kwargs(dtype: Any, library: Literal["diffusers", "transformers"] = "diffusers") -> dict[str, Any]:
