@@ -36,7 +36,7 @@ from storydiffusion.csa.attention import (
 )
 from storydiffusion.csa.bank import IdentityBank
 from storydiffusion.csa.joint import JointConsistentAttnProcessor
-from storydiffusion.csa.masks import grid_masks
+from storydiffusion.csa.masks import grid_masks, token_owner
 from storydiffusion.csa.regions import RegionalCrossAttnProcessor, regional_additive_mask
 from storydiffusion.csa.subjects import SubjectMapRecorder, SubjectMaps
 from storydiffusion.errors import StoryDiffusionError
@@ -489,9 +489,6 @@ class ConsistentAttention:
             self._unet.set_attn_processor({**self._unet.attn_processors, **self._cross_originals})
         self._cross_originals = {}
 
-    def end(self) -> None:
-        self.reset()
-
     # -- queries (called by the processors) --------------------------------------------------
     def guidance_halves(self, batch: int) -> int:
         """How many guidance halves (1 or 2) a layer call's batch of `batch` holds."""
@@ -558,11 +555,9 @@ class ConsistentAttention:
 
     def _query_owner(self, image_masks: Mapping[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
         """(N,) index into `read_banks` of the character whose mask holds each token (-1: background)."""
-        owner = torch.full((num_tokens,), -1, dtype=torch.long)
-        order = [bank.character for bank in self.read_banks]
-        for name, mask in grid_masks(image_masks, num_tokens).items():
-            owner[mask] = order.index(name)
-        return owner
+        grid = grid_masks(image_masks, num_tokens)
+        nobody = torch.zeros(num_tokens, dtype=torch.bool)
+        return token_owner([grid.get(bank.character, nobody) for bank in self.read_banks])
 
     def read_positions(self, layer: str) -> torch.Tensor | None:
         """Every read bank's token positions for this (step, layer), concatenated as `read` orders them: (M,)."""

@@ -284,7 +284,7 @@ class CharacterRecipe:
             bank = clone.reference_phase(
                 self.character, self.description, indices, infos, self.sampler_seed, settings, common, images
             )
-            clone.csa.end()
+            clone.csa.reset()
         return RegeneratedCharacter(bank, images, _check_digest(self, bank, story, where))
 
     def _regenerate_from_pictures(self, clone: StoryPipeline, settings: BankSettings, where: str):
@@ -318,7 +318,7 @@ class CharacterRecipe:
                 self.character, self.description, pictures, settings, common, self.negative_prompt,
                 self.sampler_seed, self.noise_seed,
             )  # fmt: skip
-            clone.csa.end()
+            clone.csa.reset()
         images = [picture.image for picture in pictures]
         return RegeneratedCharacter(bank, images, _check_digest(self, bank, clone, where))
 

@@ -661,7 +661,7 @@ class StoryPipeline:
                 )
                 self._generate(indices, infos, images, common, on_frame, control_images)
                 bar.update(len(indices))
-            self.csa.end()
+            self.csa.reset()
 
         return StoryPipelineOutput(images=images, frames=infos, banks=banks)
 
