@@ -14,18 +14,19 @@ Where the entries live is `BankStorage`: in RAM, or on disk — written entry by
 reference phase runs and read back one (step, layer) entry at a time, so a 6 GiB SDXL bank costs a few
 MiB of RAM and reads back the very bytes an in-RAM bank would hold. What is kept can be cut further, at
 a measured loss (`BankCompaction`: fewer tokens, one entry for neighbouring steps; `int4` storage).
+
+The parts live beside it: `bank_settings` (what a bank is valid for, where and how it is kept), `quantize` (the
+storage codecs), `bank_file` (the safetensors file written entry by entry), `bank_disk` (a disk bank's reads).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import weakref
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,198 +34,38 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from storydiffusion.csa.bank_disk import DiskState
 from storydiffusion.csa.bank_file import EntryFile, _as_bytes, save_tensors
+from storydiffusion.csa.bank_settings import (
+    STORAGE_MODES,
+    BankCompaction,
+    BankSettings,
+    BankStorage,
+    as_storage,
+    check_bank_settings,
+    probes_match,
+)
+from storydiffusion.csa.quantize import (
+    STORAGE_DTYPES,
+    dequantize_int4,
+    dequantize_int8,
+    encode_tokens,
+    int4_group,
+    keep_evenly,
+    quantize_int4,
+    quantize_int8,
+)
 from storydiffusion.errors import BankMismatchError, StoryDiffusionError
 
 # 2: settings carry the scheduler config, CSA layers, adapters, weights probe; 3: shared-step aliases,
 # compaction, content digest, the recipe, int4 storage
 BANK_FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # a version-2 file is a version-3 one without the additions
-STORAGE_DTYPES = ("int8", "float16", "bfloat16", "float32", "int4")  # int4 is lossy beyond int8
-STORAGE_MODES = ("memory", "disk", "auto")
 # tensor names of the token positions (DiTs with rotary positions: Flux): each token's place among its image's
 # tokens. Files that name them "positions/" hold places in the joint text + image sequence instead, which
 # shift with the T5 text length the file does not record: they are refused (`_refuse_joint_positions`)
 _POSITIONS_PREFIX = "image_positions"
 _JOINT_POSITIONS_PREFIX = "positions"
-_INT8_MAX = 127.0
-_INT4_MAX = 7.0
-_INT4_GROUP = 64  # channels per int4 scale: one scale per token (as int8 has) loses too much at 4 bits
-
-
-@dataclass(frozen=True)
-class BankStorage:
-    """Where a bank's entries live. Every mode reads back exactly the bytes that were stored."""
-
-    # "memory": in RAM (or on the bank's device). "disk": in a file, written entry by entry during the
-    # reference phase and read back one (step, layer) entry at a time, so RAM holds a few entries, not the
-    # bank. "auto": in RAM until the bank passes `memory_limit` bytes, then moved to disk.
-    mode: str = "memory"
-    directory: str | None = None  # folder for disk banks' files; None: tempfile's default ($TMPDIR)
-    memory_limit: int = 256 << 20  # "auto": bytes a bank may hold in RAM before it moves to disk
-    # disk, reads bound for a GPU: entries read ahead, in (step, layer) order, on a background thread while
-    # the GPU computes. Reads for CPU compute stay in line: there a second thread only competes with the
-    # compute for the cores (measured: reads 1.2-1.5x slower with read-ahead on 2 busy cores)
-    prefetch: int = 2
-
-    def __post_init__(self) -> None:
-        if self.mode not in STORAGE_MODES:
-            raise StoryDiffusionError(f"bank_storage={self.mode!r} is not supported; use one of {STORAGE_MODES}")
-        if self.memory_limit < 0 or self.prefetch < 0:
-            raise StoryDiffusionError(
-                f"BankStorage(memory_limit={self.memory_limit}, prefetch={self.prefetch}): both must be >= 0"
-            )
-
-
-def as_storage(value: BankStorage | str) -> BankStorage:
-    """A `BankStorage` from itself or its mode's name ("memory", "disk", "auto")."""
-    return value if isinstance(value, BankStorage) else BankStorage(mode=value)
-
-
-@dataclass(frozen=True)
-class BankCompaction:
-    """Lossy ways to make a bank smaller; the defaults keep everything (the exact bank)."""
-
-    keep_tokens: float = 1.0  # share of each entry's sampled tokens kept, evenly spaced over them
-    # neighbouring steps sharing one entry: a step reads the first entry written in its group of
-    # `share_steps` (s // share_steps equal), at the (step, layer) pairs the schedule ran CSA at
-    share_steps: int = 1
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.keep_tokens <= 1.0:
-            raise StoryDiffusionError(f"BankCompaction.keep_tokens={self.keep_tokens} must be in (0, 1]")
-        if not isinstance(self.share_steps, int) or self.share_steps < 1:
-            raise StoryDiffusionError(f"BankCompaction.share_steps={self.share_steps!r} must be an integer >= 1")
-
-    @property
-    def exact(self) -> bool:
-        return self.keep_tokens == 1.0 and self.share_steps == 1
-
-
-@dataclass(frozen=True)
-class BankSettings:
-    """Everything a bank's tokens depend on; a bank is only valid for a run with equal settings."""
-
-    model: str  # checkpoint name or folder the reference frames came from ("" when unknown)
-    denoiser_fingerprint: str  # hash of the UNet's or transformer's config: same architecture and layer names
-    scheduler: str  # scheduler class: its timesteps decide what "step i" means
-    num_steps: int  # denoising loop length; banks are keyed by loop index
-    height: int
-    width: int
-    guidance_halves: int  # 2 with classifier-free guidance (uncond + cond tokens), else 1
-    id_length: int  # reference frames the tokens were sampled from
-    # the scheduler's config (timestep spacing, Karras sigmas, prediction type ...): the same step index
-    # means the same noise level only under the same config
-    scheduler_config: Mapping[str, Any] = field(default_factory=dict)
-    layers: tuple[str, ...] = ()  # the CSA layers the bank was written at: a run must read at all of them
-    adapters: str = ""  # the LoRA/PEFT adapters active on the denoiser and text encoders, with their scales
-    weights_probe: tuple[float, ...] = ()  # mean |w| of probe tensors: catches other weights of one architecture
-
-    def mismatches(self, other: BankSettings) -> list[str]:
-        """Fields whose values differ, as 'field: bank=... run=...' strings (model only when both are known)."""
-        problems = []
-        for f in fields(self):
-            mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            if f.name == "id_length" or (f.name == "model" and not (mine and theirs)):
-                continue  # any id_length reads fine; an unnamed model is checked by its fingerprint
-            if f.name == "guidance_halves" and mine >= theirs:
-                continue  # a guided bank serves unguided frames (its cond half)
-            if f.name == "layers":
-                missing = [layer for layer in mine if layer not in set(theirs)]
-                if missing:
-                    problems.append(
-                        f"layers: the bank holds {len(missing)} CSA layer(s) the run does not install (e.g. "
-                        f"{missing[0]!r}); read it with the CSAConfig layers/levels it was made with"
-                    )
-                continue
-            if f.name == "scheduler_config":
-                keys = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
-                problems += [f"scheduler_config.{k}: bank={mine.get(k)!r} run={theirs.get(k)!r}" for k in keys]
-                continue
-            if f.name == "weights_probe":
-                if not probes_match(mine, theirs):
-                    problems.append(
-                        "weights_probe: the denoiser's weights differ from the bank's (another checkpoint, fine-tune "
-                        "or fused LoRA of the same architecture)"
-                    )
-                continue
-            if mine != theirs:
-                problems.append(f"{f.name}: bank={mine!r} run={theirs!r}")
-        return problems
-
-    @classmethod
-    def from_json(cls, text: str) -> BankSettings:
-        data = json.loads(text)
-        if "unet_fingerprint" in data:  # written before the field's rename
-            data["denoiser_fingerprint"] = data.pop("unet_fingerprint")
-        for name in ("layers", "weights_probe"):
-            data[name] = tuple(data.get(name, ()))
-        return cls(**data)
-
-
-def probes_match(a: tuple[float, ...], b: tuple[float, ...], rtol: float = 1e-3) -> bool:
-    """Whether two weight probes come from the same weights (any storage dtype: fp32, fp16, bf16)."""
-    if len(a) != len(b):
-        return False
-    return all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b))
-
-
-def quantize_int8(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-token int8: (..., C) -> int8 values (..., C) and fp16 scales (..., 1)."""
-    low, high = tokens.aminmax(dim=-1, keepdim=True)  # avoids a full-size abs() temporary
-    scale = torch.maximum(-low, high).float().clamp_min_(1e-8) / _INT8_MAX
-    values = (tokens.float() / scale).round_().clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
-    return values, scale.to(torch.float16)
-
-
-def dequantize_int8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `quantize_int8`, in the compute dtype."""
-    return (values.float() * scale.float()).to(dtype)
-
-
-def int4_group(channels: int) -> int:
-    """Channels per int4 scale: `_INT4_GROUP`, or the largest power of two dividing `channels` below it."""
-    return math.gcd(channels, _INT4_GROUP)
-
-
-def quantize_int4(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int4 per group of channels: (..., C) -> two values a byte (..., C/2) uint8, fp16 scales
-    (..., C/group). Values -7..7 are stored offset by 8, the low nibble first."""
-    channels = tokens.shape[-1]
-    if channels % 2:
-        raise StoryDiffusionError(f"int4 bank storage packs two channels a byte; these tokens have {channels}")
-    grouped = tokens.float().unflatten(-1, (-1, int4_group(channels)))  # (..., groups, group)
-    low, high = grouped.aminmax(dim=-1, keepdim=True)
-    scale = torch.maximum(-low, high).clamp_min_(1e-8) / _INT4_MAX
-    levels = (grouped / scale).round_().clamp_(-_INT4_MAX, _INT4_MAX).add_(8).to(torch.uint8).flatten(-2)
-    packed = levels[..., 0::2] | (levels[..., 1::2] << 4)
-    return packed, scale.squeeze(-1).to(torch.float16)
-
-
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `quantize_int4`, in the compute dtype."""
-    levels = torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)  # (..., C)
-    grouped = (levels.float() - 8).unflatten(-1, (scale.shape[-1], -1))  # (..., groups, group)
-    return (grouped * scale.float().unsqueeze(-1)).flatten(-2).to(dtype)
-
-
-def keep_evenly(tokens: torch.Tensor, fraction: float) -> torch.Tensor:
-    """`fraction` of an entry's tokens (halves, M, C), evenly spaced over M (at least one)."""
-    if fraction >= 1.0:
-        return tokens
-    count = tokens.shape[1]
-    kept = max(1, round(count * fraction))
-    index = torch.arange(kept, device=tokens.device) * count // kept
-    return tokens.index_select(1, index)
-
-
-def encode_tokens(tokens: torch.Tensor, storage_dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Tokens in a storage dtype: (values, scales), scales None for the float storages."""
-    if storage_dtype == "int8":
-        return quantize_int8(tokens)
-    if storage_dtype == "int4":
-        return quantize_int4(tokens)
-    return tokens.to(getattr(torch, storage_dtype)), None
 
 
 def _entry_key(step: int, layer: str) -> str:
@@ -238,104 +79,6 @@ def _natural_key(key: str) -> tuple[str | int, ...]:
 
 def _tensor_bytes(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
-
-
-def _read_parts(file: EntryFile, stored: str, first_row: int, pin: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """An entry's values and scales from a bank file, from guidance half `first_row` on."""
-    scales = f"scales/{stored}"
-    values = file.read(f"values/{stored}", first_row, pin)
-    return values, file.read(scales, first_row, pin) if scales in file.locations else None
-
-
-class _DiskState:
-    """A disk bank's open file and its read-ahead thread: closed with the bank, or when it is collected.
-
-    Holds no reference to the bank, so a bank nobody uses is collected and its temporary file goes."""
-
-    def __init__(self, file: EntryFile, prefetch: int) -> None:
-        self.file = file
-        self.prefetch = prefetch
-        self.pool: ThreadPoolExecutor | None = None
-        self.ahead: dict[tuple[str, int, bool], Future] = {}  # (entry, first row, pinned) -> its read
-
-    def read(
-        self,
-        stored: str,
-        first_row: int,
-        pin: bool,
-        order: list[str],
-        position: Mapping[str, int],
-        ahead: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Entry `stored`, read ahead already or now; then, with `ahead`, the next entries in `order` are
-        read ahead."""
-        future = self.ahead.pop((stored, first_row, pin), None)
-        parts = future.result() if future is not None else _read_parts(self.file, stored, first_row, pin)
-        if ahead:
-            self._read_ahead(stored, first_row, pin, order, position)
-        return parts
-
-    def _read_ahead(
-        self, stored: str, first_row: int, pin: bool, order: list[str], position: Mapping[str, int]
-    ) -> None:
-        ahead = min(self.prefetch, len(order) - 1)
-        if ahead <= 0:
-            return
-        start = position[stored]
-        # wrapping round: the next frame starts at the first entry again
-        window = [(order[(start + j) % len(order)], first_row, pin) for j in range(1, ahead + 1)]
-        for key in [key for key in self.ahead if key not in window]:
-            self.ahead.pop(key).cancel()  # reads went another way: drop what no one will ask for
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storydiffusion-bank")
-        for key in window:
-            if key not in self.ahead:
-                self.ahead[key] = self.pool.submit(_read_parts, self.file, *key)
-
-    def held_bytes(self) -> int:
-        """Bytes of the entries read ahead (an upper bound: some reads may still be under way)."""
-        total = 0
-        for stored, first_row, _ in self.ahead:
-            for name in (f"values/{stored}", f"scales/{stored}"):
-                location = self.file.locations.get(name)
-                if location is not None:
-                    rows = max(location.shape[0], 1)
-                    total += location.nbytes * (rows - first_row) // rows
-        return total
-
-    def drain(self) -> None:
-        """Cancel or finish every read ahead (before the file changes)."""
-        for future in self.ahead.values():
-            future.cancel()
-        for future in self.ahead.values():
-            if not future.cancelled():
-                future.exception()  # waits; a failed read ahead is simply not used
-        self.ahead.clear()
-
-    def swap(self, file: EntryFile) -> None:
-        """Read from `file` from now on (the same tensors, e.g. the saved copy of a temporary file)."""
-        self.drain()
-        self.file.close()
-        self.file = file
-
-    def close(self) -> None:
-        self.drain()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-            self.pool = None
-        self.file.close()
-
-
-def check_bank_settings(character: str, bank: BankSettings, run: BankSettings, source: str | None = None) -> None:
-    """Raise `BankMismatchError` if a bank of `character` made under `bank` settings cannot serve `run`."""
-    problems = bank.mismatches(run)
-    if problems:
-        where = f" ({source})" if source else ""
-        raise BankMismatchError(
-            f"identity bank of {character!r}{where} was made for other settings — "
-            + "; ".join(problems)
-            + ". Use the bank's settings for this run or regenerate the character's reference frames."
-        )
 
 
 def _refuse_joint_positions(path: Path) -> None:
@@ -400,7 +143,7 @@ class IdentityBank:
         # read adds its own text length); int32, always in RAM (4 bytes a token against the entry's C), saved
         self._positions: dict[str, torch.Tensor] = {}
         self._memory_bytes = 0
-        self._disk: _DiskState | None = None  # entries on disk (all of them: a bank is in one place)
+        self._disk: DiskState | None = None  # entries on disk (all of them: a bank is in one place)
         self._close_disk: weakref.finalize | None = None
         self._order: tuple[list[str], dict[str, int]] | None = None  # stored entries in UNet call order
         self._digest = hashlib.sha256()  # of everything put, in order: a regenerated bank must match it
@@ -438,7 +181,7 @@ class IdentityBank:
     def close(self) -> None:
         """Close a disk bank's file (a temporary one is deleted); its entries can no longer be read."""
         if self._close_disk is not None:
-            self._close_disk()  # runs `_DiskState.close` once, now instead of when the bank is collected
+            self._close_disk()  # runs `DiskState.close` once, now instead of when the bank is collected
         self._disk, self._close_disk = None, None
 
     @property
@@ -542,8 +285,8 @@ class IdentityBank:
             self._scales[key] = scale
         self._memory_bytes += _tensor_bytes(values) + _tensor_bytes(scale)
 
-    def _open_disk(self, file: EntryFile) -> _DiskState:
-        state = _DiskState(file, self.storage.prefetch)
+    def _open_disk(self, file: EntryFile) -> DiskState:
+        state = DiskState(file, self.storage.prefetch)
         self._disk = state
         self._close_disk = weakref.finalize(self, state.close)  # the file goes with the bank, even uncollected
         return state
@@ -745,3 +488,26 @@ class IdentityBank:
     def check_compatible(self, run: BankSettings, source: str | None = None) -> None:
         """Raise `BankMismatchError` if this bank cannot serve a run with settings `run`."""
         check_bank_settings(self.character, self.settings, run, source)
+
+
+# the bank and its parts (settings, storage, codecs: csa.bank_settings, csa.quantize), importable from here
+__all__ = [
+    "BANK_FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "STORAGE_DTYPES",
+    "STORAGE_MODES",
+    "BankCompaction",
+    "BankSettings",
+    "BankStorage",
+    "IdentityBank",
+    "as_storage",
+    "check_bank_settings",
+    "dequantize_int4",
+    "dequantize_int8",
+    "encode_tokens",
+    "int4_group",
+    "keep_evenly",
+    "probes_match",
+    "quantize_int4",
+    "quantize_int8",
+]
