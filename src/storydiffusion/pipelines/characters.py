@@ -35,9 +35,10 @@ from storydiffusion.csa.bank import (
 )
 from storydiffusion.errors import BankMismatchError, StoryDiffusionError
 from storydiffusion.files import write_atomically
+from storydiffusion.pipelines.frames import FrameInfo
 
-if TYPE_CHECKING:
-    from storydiffusion.pipelines.story_pipeline import FrameInfo, StoryPipeline
+if TYPE_CHECKING:  # characters are made by a StoryPipeline, which imports this module: never at run time
+    from storydiffusion.pipelines.story_pipeline import StoryPipeline
 
 CHARACTER_FORMAT = "storydiffusion.character"
 CHARACTER_FORMAT_VERSION = 1
@@ -234,15 +235,13 @@ class CharacterRecipe:
         default, which skips decoding and changes nothing in the bank).
 
         Refuses, naming the field, a model, UNet, scheduler or adapters other than the recipe's."""
-        from storydiffusion.pipelines.story_pipeline import FrameInfo, StoryPipeline
-
         where = source or "character recipe"
         if self.unrecorded:
             raise StoryDiffusionError(
                 f"{where}: {self.character!r} was made with pipeline arguments a character file cannot hold "
                 f"({', '.join(self.unrecorded)}), so it cannot be regenerated; reuse its full bank file instead"
             )
-        clone = StoryPipeline(
+        clone = type(story)(  # a StoryPipeline like `story`, with the recipe's CSA settings and bank storage
             story.pipe,
             csa_config_from_json(self.csa, where),
             bank_dtype=self.bank_dtype,

@@ -11,6 +11,7 @@ import difflib
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from storydiffusion.errors import StoryDiffusionError
 
@@ -154,3 +155,15 @@ def parse_frame_line(line: str, descriptions: Mapping[str, str]) -> ParsedFrame:
 def parse_frame(text: str, characters: Mapping[str, str]) -> Frame:
     """A frame line as the pipeline's `Frame` (the caption is dropped)."""
     return parse_frame_line(text, characters).to_frame()
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """What produced a frame: enough to reproduce or audit it."""
+
+    index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    characters: tuple[str, ...]
+    role: Literal["reference", "frame"]
