@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything the tests need on a fresh machine, then lint and run the offline test suite.
+# Install everything the tests need on a fresh machine, then lint, build the docs and run the offline test suite.
 #
 #   bash scripts/test.sh                 # the README's test command; .ci/run calls it too
 #   bash scripts/test.sh -k video -x     # arguments go to pytest
@@ -9,7 +9,11 @@
 # 2. a virtual environment in .venv (made when missing) with `pip install torch==2.13.0 -e ".[test]"`:
 #    torch==2.13.0 is the CPU wheel that lies on these machines (the tests run on the CPU); the project
 #    itself asks only for torch>=2.1;
-# 3. `ruff check .`, then `python -m pytest "$@"` with HF_HUB_OFFLINE=1 (no test reaches for the hub).
+# 3. `ruff check .`;
+# 4. `mkdocs build --strict` of the documentation site (mkdocs.yml, docs/, the API reference read from the
+#    docstrings) into a temporary folder, quietly: a broken link, anchor or API reference fails here
+#    (NO_MKDOCS_2_WARNING=1 silences Material's notice about its end of life, which is not about this site);
+# 5. `python -m pytest "$@"` with HF_HUB_OFFLINE=1 (no test reaches for the hub).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,4 +45,5 @@ fi
 pip install torch==2.13.0 -e ".[test]"
 
 ruff check .
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
 HF_HUB_OFFLINE=1 python -m pytest "$@"
