@@ -34,10 +34,8 @@ from storydiffusion.csa.attention import (
     consistent_attention,
     gather_tokens,
     heads_first,
-    merge_guidance,
     num_sampled_tokens,
     sample_token_indices,
-    split_guidance,
 )
 from storydiffusion.world import render as world
 
@@ -549,6 +547,17 @@ class JointPanelAttnProcessor:
         return out
 
 
+def as_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(G * P, ...) -> (G, P, ...): each training group's panels together, so the CSA core's gather and borrow
+    work within a group as they work within a guidance half in a pipeline."""
+    return x.unflatten(0, (groups, -1))
+
+
+def from_groups(x: torch.Tensor) -> torch.Tensor:
+    """(G, P, ...) -> (G * P, ...)."""
+    return x.flatten(0, 1)
+
+
 def attention_with_part_loss(
     attn, tokens: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -558,18 +567,18 @@ def attention_with_part_loss(
     groups = tokens.shape[0] // panels
     query, key, value = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
     key_ext, value_ext = (
-        borrow_from_others(gather_tokens(split_guidance(t, groups), indices)) for t in (key, value)
+        borrow_from_others(gather_tokens(as_groups(t, groups), indices)) for t in (key, value)
     )  # (G, P, E, C)
-    label_ext = borrow_from_others(gather_tokens(split_guidance(labels, groups)[..., None], indices))[..., 0]
-    key = merge_guidance(torch.cat([split_guidance(key, groups), key_ext], dim=2))  # (G*P, N + E, C)
-    value = merge_guidance(torch.cat([split_guidance(value, groups), value_ext], dim=2))
+    label_ext = borrow_from_others(gather_tokens(as_groups(labels, groups)[..., None], indices))[..., 0]
+    key = from_groups(torch.cat([as_groups(key, groups), key_ext], dim=2))  # (G*P, N + E, C)
+    value = from_groups(torch.cat([as_groups(value, groups), value_ext], dim=2))
     heads = attn.heads
     q, k, v = heads_first(query, heads), heads_first(key, heads), heads_first(value, heads)  # (G*P, h, T, d)
     probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (G*P, h, N, N + E)
     out = (probs @ v).transpose(1, 2).flatten(2)  # (G*P, N, h*d)
     out = attn.to_out[1](attn.to_out[0](out))
     borrowed = probs[..., tokens.shape[1] :].mean(1)  # (G*P, N, E) head mean over the other panels' tokens
-    loss = part_matching_loss(borrowed, labels, merge_guidance(label_ext))
+    loss = part_matching_loss(borrowed, labels, from_groups(label_ext))
     return out, loss
 
 
