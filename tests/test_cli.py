@@ -305,3 +305,18 @@ def test_a_malformed_story_file_is_refused_before_torch_loads(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "exit 1" in done.stdout and "torch imported: False" in done.stdout, done.stdout + done.stderr
     assert done.stderr.startswith(f"error: {bad}, line 4: YAML syntax error")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "expected"),
+    [
+        (["story", "--stepz", "3"], 2, "error: No such option: --stepz"),
+        (["story", "--steps", "0", "s.yaml"], 2, "error: Invalid value for '--steps'"),
+        (["nosuch"], 2, "error: No such command 'nosuch'"),
+        (["story", "missing.yaml"], 1, "error: missing.yaml"),
+    ],
+)
+def test_every_error_is_one_line_starting_the_same_way(monkeypatch, capsys, args, code, expected):
+    """A bad option (click's code 2) and a bad story (1) both print one line starting `error:`."""
+    got, _, stderr = run_cli(monkeypatch, capsys, *args)
+    assert got == code and stderr.startswith(expected) and len(stderr.strip().splitlines()) == 1, stderr

@@ -569,18 +569,36 @@ def _stop_cleanly_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, stop)
 
 
+def _is_usage_error(error: Exception) -> bool:
+    """Whether `error` is click's report of a bad command line (UsageError and its kin, such as BadParameter)."""
+    return any(cls.__name__ == "UsageError" for cls in type(error).__mro__) and hasattr(error, "format_message")
+
+
 def main() -> None:
-    """Entry point: the project's errors become one line on stderr and exit code 1."""
+    """Entry point: every error is one line on stderr starting `error:` -- the project's with exit code 1, a bad
+    option or argument with click's 2."""
     # transformers warns at import about optional image backends the command never uses
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     _stop_cleanly_on_sigterm()
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C at a prompt
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
     except StoryDiffusionError as error:
         if os.environ.get("STORYDIFFUSION_TRACEBACK"):
             raise
         typer.echo(f"error: {error}", err=True)
         sys.exit(1)
+    except Exception as error:
+        if not _is_usage_error(error):
+            raise
+        # a bad option or argument (click's exceptions, vendored by recent typer): its exit code, our first words
+        name = getattr(getattr(error, "ctx", None), "command_path", None) or "storydiffusion"
+        typer.echo(f"error: {error.format_message()} (see `{name} --help`)", err=True)
+        sys.exit(error.exit_code)
+    if isinstance(code, int) and code:  # --help and friends return their exit code
+        sys.exit(code)
 
 
 @app.command("batch")
