@@ -255,6 +255,64 @@ def test_keyframe_attention_lets_each_frame_see_both_ends_and_nothing_else():
     )  # cross-attention is untouched
 
 
+def test_finished_keyframe_tokens_are_read_in_place_of_the_clips_own_and_weighted():
+    """Recorded from a two-frame pass, the keyframes' tokens replace each clip's own first and last frame in
+    every frame's attention; a strength w equals those tokens appearing w times (the reference formulation)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from storydiffusion.video.unet import KeyframeTokens
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4)
+    keyframes = KeyframeTokens()
+    processor = KeyframeAttnProcessor(keyframes, "layer")
+    finished = torch.randn(2 * 2, 6, 8)  # 2 clips x their 2 finished keyframes
+    keyframes.mode = "record"
+    processor(attn, finished, num_frames=2)
+    assert keyframes.tokens["layer"].shape == (2, 12, 8)
+
+    x = torch.randn(2 * 5, 6, 8)  # 2 clips x 5 noisy frames
+    keyframes.mode = "read"
+    read = processor(attn, x, num_frames=5)
+    ends = finished.view(2, 1, 12, 8).expand(2, 5, 12, 8).reshape(10, 12, 8)
+    expected = AttnProcessor2_0()(attn, x, torch.cat([x, ends], dim=1))
+    torch.testing.assert_close(read, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(read, KeyframeAttnProcessor()(attn, x, num_frames=5), atol=1e-4)  # not the own ends
+
+    keyframes.strength = 2.0
+    weighted = processor(attn, x, num_frames=5)
+    repeated = AttnProcessor2_0()(attn, x, torch.cat([x, ends, ends], dim=1))
+    torch.testing.assert_close(weighted, repeated, atol=1e-5, rtol=1e-5)
+
+
+def test_the_pipeline_reads_finished_keyframes_recorded_once_per_clip(pipe, walk):
+    """keyframe_tokens="finished": one pass over the clean keyframes, whatever the frames' noise -- the same
+    tokens under two seeds -- read at every step; other frames than "noisy" gives, and nothing kept after."""
+    truth = walk.render()
+    seen = []
+
+    def snapshot(pipeline, step, t, tensors):
+        seen.append({layer: tokens.clone() for layer, tokens in pipeline.keyframes.tokens.items()})
+        return tensors
+
+    kwargs = dict(num_frames=4, num_inference_steps=2, output_type="latent", callback_on_step_end=snapshot)
+    finished = [
+        pipe(truth[0], truth[-1], walk.caption, generator=torch.Generator().manual_seed(seed),
+             keyframe_tokens="finished", **kwargs).frames
+        for seed in (0, 1)
+    ]  # fmt: skip
+    assert len(seen) == 4 and seen[0] and all(tokens.keys() == seen[0].keys() for tokens in seen)
+    for layer, tokens in seen[0].items():
+        assert all(torch.equal(tokens, other[layer]) for other in seen[1:]), layer
+    assert not pipe.keyframes.tokens and pipe.keyframes.mode == "off"
+    seen.clear()
+    noisy = pipe(truth[0], truth[-1], walk.caption, generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert seen == [{}, {}]  # the clip's own same-step ends: nothing recorded
+    assert not torch.allclose(noisy[:, :, 1:-1], finished[0][:, :, 1:-1])
+    with pytest.raises(ValueError, match="keyframe_tokens"):
+        pipe(truth[0], truth[-1], walk.caption, keyframe_tokens="clean", num_frames=4, num_inference_steps=1)
+
+
 def test_the_pipeline_gives_spatial_layers_keyframe_attention(pipe):
     processors = pipe.unet.attn_processors
     spatial = [p for name, p in processors.items() if "motion_modules" not in name]
@@ -695,7 +753,8 @@ def test_eval_video_end_to_end_on_a_reduced_set(monkeypatch, capsys, tmp_path):
         "clipsim_first",
         "clipsim_frames",
     }
-    for arm in ("smp", "linear_embedding", "latent_interpolation", "ground_truth"):
+    arms = ("smp", "smp_finished", "smp_finished_w4", "linear_embedding", "latent_interpolation", "ground_truth")
+    for arm in arms:
         assert set(result[arm]) == metrics
         assert 0.0 <= result[arm]["identity_agreement"] <= 1.0 and -1.0 <= result[arm]["clipsim_first"] <= 1.0
     assert result["ground_truth"]["trajectory_error"] == 0.0 and result["clips"] == 1

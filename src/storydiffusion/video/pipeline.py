@@ -31,6 +31,8 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 from storydiffusion.pipelines.prompts import encode_long_prompts
 from storydiffusion.video.smp import SemanticMotionPredictor
 from storydiffusion.video.unet import (
+    KEYFRAME_SOURCES,
+    KeyframeTokens,
     frame_encoder_states,
     is_transition_unet,
     keyframe_condition,
@@ -120,13 +122,16 @@ class TransitionPipeline(DiffusionPipeline):
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
-            unet=use_keyframe_attention(unet),
+            unet=unet,
             scheduler=scheduler,
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
             motion_predictor=motion_predictor,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # what this pipeline's keyframe attention reads (its own, never shared with another pipeline)
+        self.keyframes = KeyframeTokens()
+        use_keyframe_attention(self.unet, self.keyframes)
 
     # ------------------------------------------------------------------ encoders
 
@@ -205,6 +210,8 @@ class TransitionPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         anchor_keyframes: bool = True,
+        keyframe_tokens: str = "noisy",
+        keyframe_strength: float = 1.0,
         return_dict: bool = True,
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
     ) -> TransitionPipelineOutput | tuple:
@@ -218,6 +225,10 @@ class TransitionPipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance on the prompt; 1 turns it off.
             motion: "smp" (the predictor) or "linear" (straight embedding path; the ablation).
             anchor_keyframes: put the keyframes' own latents at the first and last frame of the result.
+            keyframe_tokens: what every frame's keyframe attention reads: "noisy", the keyframes' tokens at the
+                frame's own step (how the model is trained), or "finished", the finished keyframes' tokens from
+                one pass over them at the schedule's lowest noise level, read at every step.
+            keyframe_strength: the keyframes' keys weighted w in that attention's softmax (1: unweighted).
             callback_on_step_end: called as `fn(pipe, step, timestep, {"latents": ...})`; may return
                 {"latents": ...} to replace them.
         """
@@ -225,6 +236,10 @@ class TransitionPipeline(DiffusionPipeline):
         starts, ends = _as_list(start_image), _as_list(end_image)
         prompts = [prompt] * len(starts) if isinstance(prompt, str) else list(prompt)
         self.check_inputs(starts, ends, prompts, num_frames, motion, output_type)
+        if keyframe_tokens not in KEYFRAME_SOURCES:
+            raise ValueError(f"keyframe_tokens={keyframe_tokens!r} must be one of {KEYFRAME_SOURCES}")
+        if not (isinstance(keyframe_strength, int | float) and 0 < keyframe_strength < float("inf")):
+            raise ValueError(f"keyframe_strength={keyframe_strength!r} must be a positive number (1: unweighted)")
         batch, device = len(starts), self._execution_device
         if negative_prompt is None or isinstance(negative_prompt, str):
             negatives = [negative_prompt or ""] * batch
@@ -266,8 +281,68 @@ class TransitionPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape} (B, C, F, h, w), got {tuple(latents.shape)}")
         latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
 
-        # 6. Denoising loop
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # 6. Denoising loop; keyframe attention reads the finished keyframes (one pass), or each step's own
+        processors = self.unet.attn_processors.values()
+        if any(getattr(p, "keyframes", self.keyframes) is not self.keyframes for p in processors):
+            use_keyframe_attention(self.unet, self.keyframes)  # the UNet went into another pipeline meanwhile
+        self.keyframes.clear()
+        self.keyframes.strength = float(keyframe_strength)
+        try:
+            if keyframe_tokens == "finished":
+                self._record_keyframes(start_latents, end_latents, condition, encoder_states, num_inference_steps)
+            latents = self._denoise(latents, condition, encoder_states, num_frames, num_inference_steps,
+                                    guidance_scale, callback_on_step_end)  # fmt: skip
+        finally:
+            self.keyframes.clear()
+
+        # 7. Keyframes at the ends, then decode
+        if anchor_keyframes:
+            latents[:, :, 0], latents[:, :, -1] = start_latents.float(), end_latents.float()
+        frames = self._output(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return frames, path
+        return TransitionPipelineOutput(frames=frames, frame_embeds=path)
+
+    @torch.no_grad()
+    def _record_keyframes(
+        self,
+        start_latents: torch.Tensor,
+        end_latents: torch.Tensor,
+        condition: torch.Tensor,
+        encoder_states: torch.Tensor,
+        num_inference_steps: int,
+    ) -> None:
+        """One UNet pass over the two finished keyframes (a two-frame clip at the schedule's lowest noise level,
+        with their condition and frame tokens) that records each spatial layer's keyframe tokens; the loop's
+        frames then read those (`KeyframeTokens` mode "read")."""
+        batch, frames = start_latents.shape[0], condition.shape[2]
+        self.scheduler.set_timesteps(num_inference_steps, device=start_latents.device)
+        lowest = self.scheduler.timesteps[-1]
+        ends = [0, frames - 1]
+        clean = torch.stack([start_latents, end_latents], dim=2).float()  # (B, C, 2, h, w)
+        model_input = torch.cat([clean, condition[:, :, ends].float()], dim=1)
+        model_input = self.scheduler.scale_model_input(model_input, lowest)
+        halves = encoder_states.shape[0] // (batch * frames)  # 2 with guidance
+        states = encoder_states.view(halves, batch, frames, *encoder_states.shape[1:])[:, :, ends].flatten(0, 2)
+        model_input = torch.cat([model_input] * halves)
+        self.keyframes.mode = "record"
+        self.unet(model_input.to(self.unet.dtype), lowest, encoder_hidden_states=states,
+                  cross_attention_kwargs={"num_frames": 2})  # fmt: skip
+        self.keyframes.mode = "read"
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        condition: torch.Tensor,
+        encoder_states: torch.Tensor,
+        num_frames: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        callback_on_step_end: Callable | None,
+    ) -> torch.Tensor:
+        guided = guidance_scale > 1.0
+        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)  # anew: a record pass used it
         for step, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([latents, condition.float()], dim=1)  # (B, 3C+1[+M], F, h, w)
             model_input = self.scheduler.scale_model_input(model_input, t)
@@ -285,15 +360,7 @@ class TransitionPipeline(DiffusionPipeline):
             latents = self.scheduler.step(output.float(), t, latents).prev_sample
             if callback_on_step_end is not None:
                 latents = callback_on_step_end(self, step, t, {"latents": latents}).get("latents", latents)
-
-        # 7. Keyframes at the ends, then decode
-        if anchor_keyframes:
-            latents[:, :, 0], latents[:, :, -1] = start_latents.float(), end_latents.float()
-        frames = self._output(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return frames, path
-        return TransitionPipelineOutput(frames=frames, frame_embeds=path)
+        return latents
 
     def _output(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":

@@ -21,13 +21,18 @@ attention modules after every spatial block, the AnimateDiff layout), so Animate
   tokens besides its own (`KeyframeAttnProcessor`, installed by `use_keyframe_attention`; the cross-
   frame attention of Tune-A-Video and Text2Video-Zero, StoryDiffusion's consistent self-attention
   applied to frames): the character's look at both ends is one attention hop from every frame. It
-  adds no weights, so AnimateDiff / image-UNet weights still load.
+  adds no weights, so AnimateDiff / image-UNet weights still load. A frame reads the keyframes either at
+  its own step's noise (how the model trains) or, finished, from one pass over the clean keyframes per
+  clip (`KeyframeTokens`; `TransitionPipeline(..., keyframe_tokens="finished")`).
 
 Batch layout everywhere: latents (B, C, F, H, W); per-frame tensors flattened frame-minor, row
 b*F + f, which is how `UNetMotionModel` folds frames into the batch.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -156,16 +161,38 @@ def is_transition_unet(unet: nn.Module, map_channels: int = 0) -> bool:
     )
 
 
+KEYFRAME_SOURCES = ("noisy", "finished")
+
+
+@dataclass
+class KeyframeTokens:
+    """What keyframe attention reads, owned by one `TransitionPipeline` (no module state).
+
+    mode "off": each frame reads its clip's own first and last frame at the same step (how the model trains);
+    "record": a pass over the two finished keyframes stores, per spatial layer, the keyframes' tokens
+    (`tokens[layer]`: (clips, 2 * T, W)); "read": every frame reads those instead, at every step.
+    `strength`: the keyframes' keys weighted w in the softmax (a log-w logit bias; 1: unweighted)."""
+
+    mode: str = "off"
+    strength: float = 1.0
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.mode, self.strength, self.tokens = "off", 1.0, {}
+
+
 class KeyframeAttnProcessor:
     """Spatial self-attention in which every frame also attends to its clip's first and last frame.
 
     Takes `num_frames` through the UNet's `cross_attention_kwargs` (rows are clips major, frames
-    minor); without it, or for cross-attention, it is plain scaled-dot-product attention. Stateless:
-    one instance serves every layer and call.
+    minor); without it, or for cross-attention, it is plain scaled-dot-product attention. Without
+    `keyframes` it is stateless (one instance serves every layer); with them (`KeyframeTokens`, one
+    processor per layer, named `layer`) it can record the finished keyframes' tokens and read them instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keyframes: KeyframeTokens | None = None, layer: str | None = None) -> None:
         self.attention = AttnProcessor2_0()
+        self.keyframes, self.layer = keyframes, layer
 
     def __call__(
         self,
@@ -183,19 +210,36 @@ class KeyframeAttnProcessor:
             if rows % num_frames:
                 raise ValueError(f"{rows} rows do not split into clips of num_frames={num_frames}")
             frames = hidden_states.view(rows // num_frames, num_frames, tokens, width)
-            ends = torch.cat([frames[:, :1], frames[:, -1:]], dim=2).expand(-1, num_frames, -1, -1)  # (B, F, 2T, W)
+            ends = torch.cat([frames[:, :1], frames[:, -1:]], dim=2)  # (B, 1, 2T, W): the clip's own ends
+            mode = self.keyframes.mode if self.keyframes is not None else "off"
+            if mode == "record":
+                self.keyframes.tokens[self.layer] = ends[:, 0].detach()
+            elif mode == "read":
+                ends = self.keyframes.tokens[self.layer][:, None].to(hidden_states.dtype)
+                if ends.shape[0] != frames.shape[0] or ends.shape[2:] != (2 * tokens, width):
+                    raise ValueError(
+                        f"{self.layer}: the recorded keyframe tokens {tuple(ends.shape)} do not fit this call's "
+                        f"{frames.shape[0]} clips of {tokens} tokens"
+                    )
+            ends = ends.expand(-1, num_frames, -1, -1)  # (B, F, 2T, W)
             encoder_hidden_states = torch.cat([frames, ends], dim=2).reshape(rows, 3 * tokens, width)
+            strength = self.keyframes.strength if self.keyframes is not None else 1.0
+            if strength != 1.0:  # the keyframes' keys weighted: log(w) on their logits, 0 on the frame's own
+                bias = torch.zeros(rows, 1, 3 * tokens, device=hidden_states.device, dtype=hidden_states.dtype)
+                bias[..., tokens:] = math.log(strength)
+                attention_mask = bias
         # Self-attention layers have no cross-attention norm, so attending to the widened context
         # through diffusers' processor is exactly self-attention over [own ; first ; last] tokens.
         return self.attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
-def use_keyframe_attention(unet: UNetMotionModel) -> UNetMotionModel:
+def use_keyframe_attention(unet: UNetMotionModel, keyframes: KeyframeTokens | None = None) -> UNetMotionModel:
     """Give every spatial attention layer of `unet` a `KeyframeAttnProcessor` (the motion modules keep
-    theirs: they attend across frames already). Call it with `cross_attention_kwargs={"num_frames": F}`."""
-    processors = {
-        name: processor if "motion_modules" in name else KeyframeAttnProcessor()
-        for name, processor in unet.attn_processors.items()
-    }
+    theirs: they attend across frames already), reading through `keyframes` when given. Call it with
+    `cross_attention_kwargs={"num_frames": F}`."""
+    processors = {}
+    for name, processor in unet.attn_processors.items():
+        layer = name.removesuffix(".processor")
+        processors[name] = processor if "motion_modules" in name else KeyframeAttnProcessor(keyframes, layer)
     unet.set_attn_processor(processors)
     return unet

@@ -1,7 +1,10 @@
-"""`storydiffusion eval-video`: transitions between held-out tiny-world keyframes, scored in three arms.
+"""`storydiffusion eval-video`: transitions between held-out tiny-world keyframes, scored in five arms.
 
 Arms, all from the same two keyframes and prompt of each held-out clip:
-- `smp`: the transition model with its Semantic Motion Predictor;
+- `smp`: the transition model with its Semantic Motion Predictor, each frame's keyframe attention reading
+  the keyframes at its own step's noise (as trained);
+- `smp_finished`, `smp_finished_w4`: the same reading the finished keyframes' tokens (one pass per clip,
+  `keyframe_tokens="finished"`), unweighted and weighted 4x (`keyframe_strength`);
 - `linear_embedding`: the same model, the predictor's transformer bypassed (a straight path between
   the keyframes' CLIP embeddings — the paper's ablation);
 - `latent_interpolation`: no video model, a straight path between the keyframes' VAE latents.
@@ -40,7 +43,14 @@ from storydiffusion.world.classifier import AttributeClassifier, agreement, load
 from storydiffusion.world.models import TINY_CLIP_DIR
 from storydiffusion.world.video import held_out_clips, trajectory_error
 
-ARMS = ("smp", "linear_embedding", "latent_interpolation")
+ARMS = ("smp", "smp_finished", "smp_finished_w4", "linear_embedding", "latent_interpolation")
+# the video model's arms: (motion, keyframe tokens, keyframe strength)
+MODEL_ARMS = {
+    "smp": ("smp", "noisy", 1.0),
+    "smp_finished": ("smp", "finished", 1.0),
+    "smp_finished_w4": ("smp", "finished", 4.0),
+    "linear_embedding": ("linear", "noisy", 1.0),
+}
 METRICS = (
     "trajectory_error",
     "identity_agreement",
@@ -115,7 +125,7 @@ def evaluate_video(
     for index, clip in enumerate(progress(clips)):
         truth = clip.render()
         made = {}
-        for arm in ("smp", "linear_embedding"):
+        for arm, (motion, keyframe_tokens, strength) in MODEL_ARMS.items():
             generator = torch.Generator(device="cpu").manual_seed(settings.seed + index)
             made[arm] = pipe(
                 truth[0],
@@ -124,7 +134,9 @@ def evaluate_video(
                 num_frames=settings.num_frames,
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance,
-                motion="smp" if arm == "smp" else "linear",
+                motion=motion,
+                keyframe_tokens=keyframe_tokens,
+                keyframe_strength=strength,
                 generator=generator,
             ).frames[0]
         made["latent_interpolation"] = pipe.interpolate_latents(truth[0], truth[-1], settings.num_frames)
