@@ -101,8 +101,9 @@ def test_eval_pictures_end_to_end(monkeypatch, capsys, tmp_path):
     assert code == 0, stderr
     printed = json.loads(stdout.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
-    assert set(printed) == {"no_picture", "picture_step", "picture_clean", "picture_clean_w4", "stories", "seeds"}
-    for scores in (printed[arm] for arm in ("no_picture", "picture_step", "picture_clean", "picture_clean_w4")):
+    arms = {"no_picture", "picture_step", "picture_clean", "picture_clean_w4", "picture_recommended"}
+    assert set(printed) == {*arms, "stories", "seeds"}  # recommended: the shipped model's storydiffusion.json
+    for scores in (printed[arm] for arm in arms):
         assert {"picture_agreement", "identity_agreement", "prompt_alignment", "clip_i", "clip_t"} <= set(scores)
     assert printed["picture_clean"]["picture_agreement"] >= printed["no_picture"]["picture_agreement"] + 0.2
-    assert len(list((tmp_path / "images").glob("*.png"))) == 3 * 4
+    assert len(list((tmp_path / "images").glob("*.png"))) == 3 * 5

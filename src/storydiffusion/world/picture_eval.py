@@ -8,6 +8,7 @@ a scene none of the story's frames uses; every frame is drawn reading it. Arms:
     picture_step      the picture read at each step's own noise level (reference_noise="step")
     picture_clean     the picture read clean (reference_noise=0.0)
     picture_clean_w4  the same with its tokens weighted 4x (reference_strength=4)
+    picture_recommended  the model's recommended CSA settings (its storydiffusion.json), when it has them
 
 Scores per arm: `picture_agreement` -- over frames and the scored identity attributes the description does
 not name, the share the classifier reads as the picture's ground truth --, `identity_agreement` among the
@@ -60,6 +61,8 @@ def picture_arm_settings(settings: EvalSettings) -> dict[str, CSAConfig]:
         "picture_step": dataclasses.replace(base, reference_noise="step"),
         "picture_clean": dataclasses.replace(base, reference_noise=0.0),
         "picture_clean_w4": dataclasses.replace(base, reference_noise=0.0, reference_strength=4.0),
+        # the model's own settings (its storydiffusion.json), when it has them
+        **({"picture_recommended": settings.recommended.csa_config()} if settings.recommended else {}),
     }
 
 
@@ -87,6 +90,10 @@ def evaluate_pictures(
     total, done = len(arms) * len(stories) * len(settings.seeds), 0
     for arm, config in arms.items():
         story_pipe = StoryPipeline(pipe, config)
+        steps, guidance = settings.steps, settings.guidance
+        if arm == "picture_recommended":  # the model's own steps and guidance too
+            steps = settings.recommended.steps or steps
+            guidance = settings.recommended.guidance or guidance
         runs, predictions, agreements, clip_i, clip_t = [], [], [], [], []
         for seed in settings.seeds:
             for story, panel, picture in zip(stories, panels, pictures):
@@ -97,8 +104,8 @@ def evaluate_pictures(
                     story.story.character_descriptions(),
                     frames,
                     id_length=min(story.story.settings.id_length, len(frames)),
-                    num_inference_steps=settings.steps,
-                    guidance_scale=settings.guidance,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
                     seed=seed,
                     character_images=given,
                     progress=False,
