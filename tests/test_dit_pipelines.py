@@ -17,6 +17,7 @@ from storydiffusion.csa.subjects import SubjectMaps
 from storydiffusion.errors import StoryDiffusionError
 from storydiffusion.pipelines.characters import CharacterRecipe
 from storydiffusion.pipelines.frames import Frame
+from storydiffusion.pipelines.inputs import t5_tokenizer
 from storydiffusion.pipelines.story_pipeline import StoryPipeline
 from storydiffusion.pipelines.tiny_random import tiny_flux_pipeline, tiny_sd3_pipeline
 
@@ -220,7 +221,7 @@ def test_phrase_positions_point_at_the_description_in_the_t5_sequence(dit_pipe):
     story = StoryPipeline(dit_pipe)
     prompt = "a man with red hair at home"
     positions = story.phrase_positions(prompt, "red hair")
-    tokenizer = story._t5_tokenizer()
+    tokenizer = t5_tokenizer(story.pipe, story.kind)
     ids = tokenizer(prompt, add_special_tokens=True).input_ids
     offset = 0 if story.kind == "flux" else 77
     assert tokenizer.decode([ids[p - offset] for p in positions]).strip() == "red hair"
