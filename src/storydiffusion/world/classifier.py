@@ -22,14 +22,9 @@ The shipped weights (`load_default_classifier`, 680k parameters, fp32, 2.7 MB) w
     python scripts/train_attribute_classifier.py --init FIRST_RUN --vae src/storydiffusion/assets/tiny/vae \
         --vae-share 0.5 --steps 700 --batch-size 32 --lr 5e-4 --warmup 50 --threads 1
 
-on 192,000 rendered panels in 44 min of one CPU thread, then fine-tuned for 20 min with half of each
-batch passed through the tiny VAE, because generated panels look like VAE reconstructions (soft
-faces and hair edges), on which the first run read hair colour right only 58% of the time.
-Held-out accuracy (2,000 panels, eval seed 1_000_003), clean / through the VAE: kind 0.992 / 0.961,
-hair colour 0.956 / 0.733 (where visible), hair style 0.880 / 0.623, skin tone 0.999 / 0.960, shirt
-1.000 / 0.999, trousers 0.994 / 0.872, accessory 0.987 / 0.882, pose 0.993 / 0.954, scene 1.000 /
-1.000. Hair style and hair colour did not reach 0.97 on clean renders, so they are not scored (both
-are still predicted; the style decides whether a hair colour is visible).
+on 192,000 rendered panels, then fine-tuned with half of each batch passed through the tiny VAE, because
+generated panels look like VAE reconstructions (soft faces and hair edges). Its held-out accuracy, clean and
+through the VAE, is in `assets/world_classifier/eval.json` and the docs' benchmarks page (measuring instrument).
 """
 
 from __future__ import annotations

@@ -58,10 +58,8 @@ def figure_view(image: Image.Image, side: int) -> Image.Image:
 
     The half of the panel holding figure `side` (0 left, 1 right) is enlarged by 1.2 about the figure's
     centre and feet; what falls outside that half repeats the half's edge pixels (an arm or hair of the other
-    figure that crosses the middle can still show). Measured on 400 rendered two-figure panels (both figures,
-    seed 5), the shipped classifier reads these views as well as one-figure panels: kind 0.96, skin 0.99,
-    shirt 1.00, trousers 0.98, accessory 0.97, pose 0.97, scene 1.00 (through the tiny VAE: 0.90, 0.88,
-    0.99, 0.80, 0.75, 0.89, 1.00).
+    figure that crosses the middle can still show). The classifier reads these views about as well as one-figure
+    panels (measured: the docs' benchmarks page, measuring instrument).
     """
     if side not in (0, 1):
         raise ValueError(f"side={side} must be 0 (left figure) or 1 (right figure)")
