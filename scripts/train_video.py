@@ -71,6 +71,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bypass", type=float, default=0.0, help="stage video: share of steps on the linear path")
     p.add_argument("--teacher", type=float, default=0.5, help="stage video: share of clips given the true P_i")
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument(
+        "--finished-keyframes",
+        action="store_true",
+        help="stage video: keyframe attention reads the clean keyframes' tokens, as keyframe_tokens='finished' does",
+    )
     p.add_argument("--no-text", action="store_true", help="a predictor that does not read the prompt (fresh init only)")
     p.add_argument("--dropout", type=float, default=0.1, help="the predictor's dropout (fresh init only)")
     p.add_argument(
@@ -259,6 +264,7 @@ def train(args, accelerator, pipe, modules, optimizer, schedule, ema, progress, 
             caption_dropout=args.caption_dropout,
             bypass_probability=args.bypass,
             teacher_probability=args.teacher,
+            finished_keyframes=args.finished_keyframes,
         )
         take_step(args, accelerator, loss, modules, optimizer, schedule, ema, progress, checkpoint)
         losses.append(loss.item())

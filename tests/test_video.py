@@ -590,6 +590,36 @@ def test_the_diffusion_loss_falls_on_a_fixed_batch(pipe):
     assert losses[-1] < 0.8 * losses[0]
 
 
+def test_the_diffusion_loss_can_read_the_finished_keyframes(pipe):
+    """`finished_keyframes=True`: keyframe attention reads the clean keyframes' tokens (a pass without gradients)
+    -- another loss than the same-step keyframes give, gradients still reach the UNet, nothing kept after; a UNet
+    whose keyframe attention has no KeyframeTokens is refused with the way out."""
+    from diffusers import DDPMScheduler
+
+    from storydiffusion.video.unet import use_keyframe_attention
+
+    rng = np.random.default_rng(2)
+    clips = [sample_clip(rng, 4) for _ in range(2)]
+    batch = encode_clips(pipe, [c.render() for c in clips], [c.caption for c in clips])
+    batch["empty_text"] = encode_clips(pipe, [clips[0].render()[:2]], [""], latents=False)["text"]
+    fresh = fresh_tiny_transition_pipeline(seed=0)
+    schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def loss(**kwargs):
+        generator = torch.Generator().manual_seed(0)
+        return diffusion_loss(fresh.unet, fresh.motion_predictor, schedule, batch, generator, caption_dropout=0.0,
+                              **kwargs)  # fmt: skip
+
+    noisy, finished = loss(), loss(finished_keyframes=True)
+    assert abs(noisy.item() - finished.item()) > 1e-6
+    finished.backward()
+    assert all(p.grad is not None for p in fresh.unet.conv_in.parameters())
+    assert fresh.keyframes.mode == "off" and not fresh.keyframes.tokens
+    use_keyframe_attention(fresh.unet)  # stateless processors: nothing to record into
+    with pytest.raises(ValueError, match="KeyframeTokens"):
+        loss(finished_keyframes=True)
+
+
 def test_training_script_checkpoints_and_resumes(tmp_path):
     base = [sys.executable, str(REPO / "scripts" / "train_video.py"), "--stage", "smp", "--batch", "1", "--frames", "4"]
     base += ["--out", str(tmp_path), "--log-every", "1", "--ckpt-every", "1", "--threads", "1", "--cache", "8"]

@@ -19,7 +19,7 @@ from PIL import Image
 from storydiffusion.errors import StoryDiffusionError
 from storydiffusion.video.export import read_video
 from storydiffusion.video.pipeline import TransitionPipeline, images_to_tensor, transition_condition
-from storydiffusion.video.unet import frame_encoder_states
+from storydiffusion.video.unet import KeyframeTokens, frame_encoder_states
 
 VIDEO_FILES = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
 FRAME_FILES = (".png", ".jpg", ".jpeg", ".webp")
@@ -125,6 +125,7 @@ def diffusion_loss(
     caption_dropout: float = 0.1,
     bypass_probability: float = 0.0,
     teacher_probability: float = 0.0,
+    finished_keyframes: bool = False,
 ) -> torch.Tensor:
     """Stage 2: the diffusion loss of the clips' latents, keyframes and `[text ; P_i]` as conditions.
 
@@ -133,6 +134,8 @@ def diffusion_loss(
     classifier-free guidance works; `bypass_probability` trains some steps on the linear path;
     `teacher_probability` gives some clips the true frames' embeddings as P_i, so the UNet learns to
     follow the semantic path it is given (the predictor still learns from the other clips).
+    `finished_keyframes`: keyframe attention reads the clean keyframes' tokens (a pass over them without
+    gradients, as `TransitionPipeline(keyframe_tokens="finished")` does at sampling time), not the same-step ones.
     """
     latents, text, embeds = batch["latents"], batch["text"], batch["frame_embeds"]
     clips, frames, device = latents.shape[0], latents.shape[2], latents.device
@@ -154,10 +157,44 @@ def diffusion_loss(
     states = frame_encoder_states(text, predictor.condition_tokens(path))  # (B*F, T+K, C)
     condition = transition_condition(predictor, path, latents[:, :, 0], latents[:, :, -1])
     model_input = torch.cat([noisy, condition], dim=1)  # (B, 3C+1[+M], F, h, w)
-    prediction = unet(
-        model_input, timesteps, encoder_hidden_states=states, cross_attention_kwargs={"num_frames": frames}
-    ).sample
+    keyframes = _keyframe_tokens(unet) if finished_keyframes else None
+    try:
+        if keyframes is not None:
+            record_finished_keyframes(unet, keyframes, latents, condition, states)
+        prediction = unet(
+            model_input, timesteps, encoder_hidden_states=states, cross_attention_kwargs={"num_frames": frames}
+        ).sample
+    finally:
+        if keyframes is not None:
+            keyframes.clear()
     return F.mse_loss(prediction[:, :, 1:-1].float(), target[:, :, 1:-1].float())  # the keyframes are given
+
+
+def _keyframe_tokens(unet) -> KeyframeTokens:
+    """The `KeyframeTokens` the UNet's keyframe attention reads through (`use_keyframe_attention(unet, ...)`)."""
+    found = {id(p.keyframes): p.keyframes for p in unet.attn_processors.values() if getattr(p, "keyframes", None)}
+    if len(found) != 1:
+        raise ValueError(
+            "finished keyframes need the UNet's keyframe attention installed with one KeyframeTokens: "
+            "use_keyframe_attention(unet, KeyframeTokens())"
+        )
+    return next(iter(found.values()))
+
+
+@torch.no_grad()
+def record_finished_keyframes(
+    unet, keyframes: KeyframeTokens, latents: torch.Tensor, condition: torch.Tensor, states: torch.Tensor
+) -> None:
+    """A two-frame pass over the clean first and last frames of each clip (timestep 0) that records their tokens
+    for keyframe attention to read (`KeyframeTokens` mode "read" afterwards)."""
+    clips, frames = latents.shape[0], latents.shape[2]
+    ends = [0, frames - 1]
+    clean = torch.cat([latents[:, :, ends], condition[:, :, ends]], dim=1)  # (B, 3C+1[+M], 2, h, w)
+    end_states = states.view(clips, frames, *states.shape[1:])[:, ends].flatten(0, 1)
+    timestep = torch.zeros(clips, dtype=torch.long, device=latents.device)
+    keyframes.mode = "record"
+    unet(clean, timestep, encoder_hidden_states=end_states, cross_attention_kwargs={"num_frames": 2})
+    keyframes.mode = "read"
 
 
 class TransitionTrainer(torch.nn.Module):
