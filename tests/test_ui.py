@@ -227,6 +227,15 @@ def test_the_page_serves_a_dit_model(model, tmp_path, one_torch_thread):
         dit.close()
 
 
+def test_the_upload_boxes_follow_the_names_the_characters_box_defines():
+    from storydiffusion.app.ui import character_names
+
+    text = "[ Big  Bob ] a man\n[Mia] a girl\nnot a character line\n[Mia] again"
+    assert character_names(text) == ["Big Bob", "Mia"]  # spaces as the story parser reads them
+    assert list(make_story("[ Big  Bob ] a man\n[Mia] a girl", "[Big Bob] waves\n[Mia] runs", **{**FAST, "id_length": 1})
+                .characters) == ["Big Bob", "Mia"]  # fmt: skip
+
+
 def test_a_character_from_uploaded_pictures(app, monkeypatch, capsys, tmp_path):
     """Pictures uploaded for [Mia] make her bank (no reference frames); the run's story file keeps a copy of
     them, and `storydiffusion story` on it draws the same panels; an upload for a name the box no longer

@@ -193,7 +193,8 @@ def character_names(text: str) -> list[str]:
     """The names the Characters box defines, in order (`[Name] description` lines; anything else skipped:
     the box is checked when Generate is clicked)."""
     names = (re.match(r"\s*\[([^\]]+)\]", line) for line in (text or "").splitlines())
-    return list(dict.fromkeys(match.group(1).strip() for match in names if match and match.group(1).strip()))
+    # spaces as the story parser reads them: "[ Big  Bob ]" is [Big Bob]
+    return list(dict.fromkeys(" ".join(match.group(1).split()) for match in names if match and match.group(1).strip()))
 
 
 def story_yaml(story: Story, folder: Path | None = None) -> str:
