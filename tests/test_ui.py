@@ -232,8 +232,8 @@ def test_the_upload_boxes_follow_the_names_the_characters_box_defines():
 
     text = "[ Big  Bob ] a man\n[Mia] a girl\nnot a character line\n[Mia] again"
     assert character_names(text) == ["Big Bob", "Mia"]  # spaces as the story parser reads them
-    assert list(make_story("[ Big  Bob ] a man\n[Mia] a girl", "[Big Bob] waves\n[Mia] runs", **{**FAST, "id_length": 1})
-                .characters) == ["Big Bob", "Mia"]  # fmt: skip
+    story = make_story("[ Big  Bob ] a man\n[Mia] a girl", "[Big Bob] waves\n[Mia] runs", **{**FAST, "id_length": 1})
+    assert list(story.characters) == ["Big Bob", "Mia"]
 
 
 def test_a_character_from_uploaded_pictures(app, monkeypatch, capsys, tmp_path):
