@@ -1,0 +1,61 @@
+"""Candidates for the tiny model's recommended settings (`storydiffusion.json`): where its bank comes from and
+how strongly it is read, each run as `storydiffusion eval`'s `recommended` arm (the file's rate, layers, steps
+and guidance, with one change each); prints one line per candidate and, last, one JSON object.
+
+    python benchmarks/tiny_recommended_sweep.py --count 12 --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from storydiffusion.app.runner import RunOptions, load_story_pipeline
+from storydiffusion.clip_score import ClipScorer
+from storydiffusion.csa.attention import CSAConfig
+from storydiffusion.pipelines.recommended import read_recommended
+from storydiffusion.world.classifier import load_default_classifier
+from storydiffusion.world.eval import EvalSettings, default_stories, evaluate
+from storydiffusion.world.models import TINY, resolve_clip, resolve_model
+
+CANDIDATES = {  # changes to the file's CSA settings
+    "steps_w1": {"bank_from": "steps", "reference_strength": 1.0},
+    "steps_w4": {"bank_from": "steps", "reference_strength": 4.0},
+    "sequential_w4": {"bank_from": "sequential", "reference_noise": 0.0, "reference_strength": 4.0},
+    "finished_w4": {"bank_from": "finished", "reference_noise": 0.0, "reference_strength": 4.0},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=TINY, help="'tiny' (shipped) or a pipeline folder with the file")
+    parser.add_argument("--count", type=int, default=12, help="built-in stories")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    recommended = read_recommended(resolve_model(args.model))
+    if recommended is None:
+        parser.error(f"{args.model} has no storydiffusion.json to start from")
+    pipe = load_story_pipeline(args.model, RunOptions(device="cpu", progress=False), CSAConfig()).pipe
+    classifier, clip = load_default_classifier(pipe.device), ClipScorer(resolve_clip(TINY), pipe.device)
+    seeds = tuple(int(seed) for seed in args.seeds.split(","))
+    table = {}
+    for name, change in CANDIDATES.items():
+        candidate = dataclasses.replace(recommended, csa={**recommended.csa, **change})
+        settings = EvalSettings(seeds=seeds, recommended=candidate)
+        scores = evaluate(pipe, default_stories(args.count), settings, classifier, clip, only=["recommended"])
+        table[name] = {key: round(value, 4) for key, value in scores["recommended"].items() if isinstance(value, float)}
+        print(f"{name:>14}: identity {table[name]['identity_agreement']:.3f}, "
+              f"alignment {table[name]['prompt_alignment']:.3f}", flush=True)  # fmt: skip
+    print(json.dumps({"model": args.model, "count": args.count, "seeds": list(seeds), "threads": args.threads,
+                      "seconds": round(time.perf_counter() - started, 1), "candidates": table}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
