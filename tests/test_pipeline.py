@@ -222,3 +222,21 @@ def test_skip_frames_and_callbacks_support_resuming(sd_pipe):
     assert all(np.array_equal(partial.images[i], full.images[i]) for i in (0, 1, 2, 3, 4, 6))
     only_street = story(CHARACTERS, STORY, seed=2, skip_frames={0, 1, 2, 3, 4, 6}, **RUN)
     assert only_street.banks == {} and np.array_equal(only_street.images[5], full.images[5])
+
+
+@pytest.mark.parametrize("bank_from", ["steps", "finished", "sequential"])
+def test_a_characters_reference_frames_are_handed_on_after_its_bank(sd_pipe, bank_from):
+    """A run killed between the two never leaves a reference panel on disk without its bank."""
+    from storydiffusion import CSAConfig, StoryPipeline
+
+    events = []
+    config = CSAConfig(bank_from=bank_from, reference_noise=0.0 if bank_from != "steps" else "step")
+    StoryPipeline(sd_pipe, config)(
+        {"Bob": "a man", "Ann": "a woman"},
+        ["[Bob] at home", "[Bob] on a bus", "[Ann] reads", "[Ann] runs", "[Bob] sleeps"],
+        id_length=2, num_inference_steps=2, height=64, width=64, output_type="np", progress=False,
+        on_bank=lambda name, bank: events.append(("bank", name)),
+        on_frame=lambda info, image: events.append((info.role, info.index)),
+    )  # fmt: skip
+    assert events == [("bank", "Bob"), ("reference", 0), ("reference", 1), ("bank", "Ann"), ("reference", 2),
+                      ("reference", 3), ("frame", 4)]  # fmt: skip

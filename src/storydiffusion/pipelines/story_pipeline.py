@@ -314,7 +314,9 @@ class StoryPipeline:
             frame_batch_size: frames naming the same characters generated together in the frame phase.
             skip_frames: frames not to generate (e.g. already on disk when resuming); their images are
                 None. A character's reference frames still run when a frame that is generated needs its bank.
-            on_frame: called with (FrameInfo, image) as soon as each frame is done — write it out there.
+            on_frame: called with (FrameInfo, image) as soon as each frame is done — write it out there. A
+                character's reference frames come right after its `on_bank`, so a run killed in between finds no
+                reference without its bank.
             on_bank: called with (name, bank) as soon as a character's reference phase is done.
             control_images: ControlNet pipelines only: one control image per frame (for MultiControlNet, a
                 list per frame, one image per ControlNet). One image for every frame goes in `image=` instead.
@@ -395,13 +397,16 @@ class StoryPipeline:
                     on_bank(name, bank)
             for name, indices in references.items():
                 sampler_seed = derived_seed(seed, 1, character_order.index(name))
-                bank = self.reference_phase(
-                    name, characters[name], indices, infos, sampler_seed, settings, common, images, on_frame,
-                    control_images,
+                finished: list[tuple[FrameInfo, Any]] = []  # handed on once the bank is: a reference on disk
+                bank = self.reference_phase(  # then always has its bank beside it (a killed run resumes from both)
+                    name, characters[name], indices, infos, sampler_seed, settings, common, images,
+                    lambda info, image, finished=finished: finished.append((info, image)), control_images,
                 )  # fmt: skip
                 banks[name] = bank
                 if on_bank is not None:
                     on_bank(name, bank)
+                for info, image in finished if on_frame is not None else ():
+                    on_frame(info, image)
                 bar.update(len(indices))
 
             # 4. Frame phase: the rest, reading the banks of the characters they name
