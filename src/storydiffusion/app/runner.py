@@ -393,22 +393,14 @@ def model_recommended(model: str, pipeline: StoryPipeline | None = None) -> Reco
     return read_recommended(resolve_model(model))
 
 
-# the story settings a model's recommended settings fill: StorySettings name -> RecommendedSettings name
-_RECOMMENDED_STORY_SETTINGS = {"steps": "steps", "guidance": "guidance", "width": "width", "height": "height",
-                               "id_length": "id_length"}  # fmt: skip
-
-
 def with_recommended_settings(story: Story, recommended: RecommendedSettings | None, keep: Sequence[str] = ()) -> Story:
     """`story` with the model's recommended steps, guidance, size, id_length and CSA rate for those its author did
     not set (`Story.given_settings`) and `keep` (settings a saved character decides) does not name."""
     if recommended is None:
         return story
     given = {*story.given_settings(), *keep}
-    updates = {
-        name: getattr(recommended, field_name)
-        for name, field_name in _RECOMMENDED_STORY_SETTINGS.items()
-        if name not in given and getattr(recommended, field_name) is not None
-    }
+    # RecommendedSettings' generation fields share StorySettings' names
+    updates = {name: value for name, value in recommended.generation().items() if name not in given}
     if "rate" not in given and "rate" in recommended.csa:
         updates["rate"] = recommended.csa["rate"]
     if not updates:

@@ -241,6 +241,12 @@ class EvalSettings:
     # the model's storydiffusion.json: with it, the `recommended` arm (its CSA settings, steps and guidance)
     recommended: RecommendedSettings | None = None
 
+    def steps_and_guidance(self, recommended_arm: bool = False) -> tuple[int, float]:
+        """The steps and guidance of an arm: the eval's own, or the model's where a `recommended` arm sets them."""
+        if not recommended_arm or self.recommended is None:
+            return self.steps, self.guidance
+        return self.recommended.steps or self.steps, self.recommended.guidance or self.guidance
+
 
 def strip_config() -> CSAConfig:
     """Full mutual self-attention on every layer at every step: the model's own multi-panel canvas."""
@@ -287,10 +293,7 @@ def evaluate(
     total, done = len(arms) * len(stories) * len(settings.seeds), 0
     for arm, (config, shared_noise) in arms.items():
         story_pipe = StoryPipeline(pipe, config)
-        steps, guidance = settings.steps, settings.guidance
-        if arm == "recommended":  # the model's own steps and guidance too
-            steps = settings.recommended.steps or steps
-            guidance = settings.recommended.guidance or guidance
+        steps, guidance = settings.steps_and_guidance(arm == "recommended")
         runs, predictions, clip_i, clip_t = [], [], [], []
         for seed in settings.seeds:
             for story in stories:

@@ -90,10 +90,7 @@ def evaluate_pictures(
     total, done = len(arms) * len(stories) * len(settings.seeds), 0
     for arm, config in arms.items():
         story_pipe = StoryPipeline(pipe, config)
-        steps, guidance = settings.steps, settings.guidance
-        if arm == "picture_recommended":  # the model's own steps and guidance too
-            steps = settings.recommended.steps or steps
-            guidance = settings.recommended.guidance or guidance
+        steps, guidance = settings.steps_and_guidance(arm == "picture_recommended")
         runs, predictions, agreements, clip_i, clip_t = [], [], [], [], []
         for seed in settings.seeds:
             for story, panel, picture in zip(stories, panels, pictures):
