@@ -27,6 +27,26 @@ CANDIDATES = {  # changes to the file's CSA settings
     "steps_w4": {"bank_from": "steps", "reference_strength": 4.0},
     "sequential_w4": {"bank_from": "sequential", "reference_noise": 0.0, "reference_strength": 4.0},
     "finished_w4": {"bank_from": "finished", "reference_noise": 0.0, "reference_strength": 4.0},
+    # the same bank, left unread for the first part of the loop, where a copying model would take the pose and
+    # scene of the reference along with its look
+    "sequential_w4_late20": {
+        "bank_from": "sequential",
+        "reference_noise": 0.0,
+        "reference_strength": 4.0,
+        "schedule": {"plain_fraction": 0.2, "stages": [[0.4, 0.7], [1.0, 0.9]]},
+    },
+    "sequential_w4_late35": {
+        "bank_from": "sequential",
+        "reference_noise": 0.0,
+        "reference_strength": 4.0,
+        "schedule": {"plain_fraction": 0.35, "stages": [[1.0, 0.9]]},
+    },
+    "sequential_w8_late35": {
+        "bank_from": "sequential",
+        "reference_noise": 0.0,
+        "reference_strength": 8.0,
+        "schedule": {"plain_fraction": 0.35, "stages": [[1.0, 0.9]]},
+    },
 }
 
 
@@ -35,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=TINY, help="'tiny' (shipped) or a pipeline folder with the file")
     parser.add_argument("--count", type=int, default=12, help="built-in stories")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -46,7 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     classifier, clip = load_default_classifier(pipe.device), ClipScorer(resolve_clip(TINY), pipe.device)
     seeds = tuple(int(seed) for seed in args.seeds.split(","))
     table = {}
-    for name, change in CANDIDATES.items():
+    names = args.only.split(",") if args.only else list(CANDIDATES)
+    unknown = sorted(set(names) - set(CANDIDATES))
+    if unknown:
+        parser.error(f"unknown candidates {unknown}; choose from {sorted(CANDIDATES)}")
+    for name in names:
+        change = CANDIDATES[name]
         candidate = dataclasses.replace(recommended, csa={**recommended.csa, **change})
         settings = EvalSettings(seeds=seeds, recommended=candidate)
         scores = evaluate(pipe, default_stories(args.count), settings, classifier, clip, only=["recommended"])

@@ -386,12 +386,16 @@ def video_command(
             "model's own (Wan 81, LTX 161), and any count must be 4k+1 (Wan) or 8k+1 (LTX)."
         ),
     ] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 25,
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Denoising steps. Default: the video model's recommended (smp), else 25."),
+    ] = None,
     guidance: Annotated[
         float | None,
         typer.Option(
             min=0.0,
-            help="Guidance scale on the prompt (1 = off). Default: 1 for smp, the model's own for flf2v (Wan 5, LTX 3)",
+            help="Guidance scale on the prompt (1 = off). Default: the video model's recommended, else 1, for smp; "
+            "the model's own for flf2v (Wan 5, LTX 3)",
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
@@ -399,6 +403,20 @@ def video_command(
         str, typer.Option(help="smp backend: smp (motion predictor) or linear (its transformer bypassed).")
     ] = "smp",
     negative_prompt: Annotated[str, typer.Option(help="What the frames should not show (with guidance > 1).")] = "",
+    keyframe_tokens: Annotated[
+        str | None,
+        typer.Option(
+            help="smp: what each frame's keyframe attention reads: finished (the finished keyframes, one pass per "
+            "transition) or noisy (their tokens at each step). Default: the video model's recommended, else noisy."
+        ),
+    ] = None,
+    keyframe_strength: Annotated[
+        float | None,
+        typer.Option(
+            help="smp: the keyframes' keys weighted this much in that attention (1: unweighted). Default: the "
+            "video model's recommended, else 1.",
+        ),
+    ] = None,
     fps: Annotated[
         float | None,
         typer.Option(min=0.1, help="Frames per second of the video file. Default: 8 for smp; Wan 16, LTX 25."),
@@ -426,13 +444,13 @@ def video_command(
 ) -> None:
     """Animate between two keyframes (START END --prompt ...), or between every pair of consecutive
     panels of a story run (--story OUT_DIR), and write an MP4 or GIF."""
-    from dataclasses import replace
-
     from tqdm.auto import tqdm
 
     from storydiffusion.app.video_runner import (
         BACKENDS,
         TransitionSettings,
+        check_transition,
+        check_transition_settings_for_flf2v,
         load_backend,
         run_story_video,
         run_transition,
@@ -449,22 +467,23 @@ def video_command(
             "--backend flf2v needs --model: a WanImageToVideoPipeline or LTXConditionPipeline hub id or folder "
             "(e.g. Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers), or tiny-random-flf2v"
         )
-    # checked before loading (minutes for a real model); the backend's own defaults fill what was not given
+    # checked before loading (minutes for a real model); the backend fills what was not given (for smp the video
+    # model's recommended settings, `storydiffusion.json`)
     settings = TransitionSettings(
-        num_frames=frames if frames is not None else TransitionSettings.num_frames,
+        num_frames=frames,
         steps=steps,
-        guidance=guidance if guidance is not None else TransitionSettings.guidance,
+        guidance=guidance,
         seed=seed,
         motion=motion,
         negative_prompt=negative_prompt,
+        keyframe_tokens=keyframe_tokens,
+        keyframe_strength=keyframe_strength,
     )
+    if backend == "flf2v":
+        check_transition_settings_for_flf2v(settings)
     started = time.perf_counter()
     pipe = load_backend(backend, model, device, dtype, cpu_offload=cpu_offload, vae_tiling=vae_tiling)
-    settings = replace(
-        settings,
-        num_frames=frames if frames is not None else pipe.default_frames,
-        guidance=guidance if guidance is not None else pipe.default_guidance,
-    )
+    settings = check_transition(pipe, settings)
     if story is None:
         pipe.set_progress_bar_config(desc="frames" if backend == "smp" else "steps", leave=False)
         path = run_transition(pipe, start, end, prompt, out or Path("clip.mp4"), settings, fps)

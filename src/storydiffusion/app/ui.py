@@ -576,17 +576,15 @@ class StoryApp:
     ) -> tuple[str, Any]:
         """Animate: (message, video file) for a transition or the whole story; mistakes become messages.
 
-        smp runs without guidance (its tiny model is trained for that); flf2v at its model's own guidance.
+        Guidance and keyframe attention are the backend's: for smp the video model's recommended settings (the
+        tiny model: no guidance, the finished keyframes read), for flf2v its model's own guidance.
         """
         from storydiffusion.app.video_runner import TransitionSettings
 
         try:
             started = time.perf_counter()
-            with self._lock:  # loading it here (once) tells its guidance; generation takes the lock again
-                guidance = self._video_pipeline(backend).default_guidance
-            settings = TransitionSettings(
-                num_frames=int(frames), steps=int(steps), seed=int(seed), motion=motion, guidance=guidance
-            )
+            # guidance and keyframe attention: the backend's (smp: the video model's recommended settings)
+            settings = TransitionSettings(num_frames=int(frames), steps=int(steps), seed=int(seed), motion=motion)
 
             def advance(done: int, total: int) -> None:
                 progress((done, total), desc="transitions", unit="transitions")

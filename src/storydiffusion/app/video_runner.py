@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,9 @@ from storydiffusion.pipelines.loading import dtype_kwargs
 from storydiffusion.video.export import write_frames, write_video
 from storydiffusion.video.flf2v import FLF2VBackend
 from storydiffusion.video.pipeline import TransitionPipeline
+from storydiffusion.video.recommended import call_settings
 from storydiffusion.video.tiny_random_flf2v import TINY_RANDOM_FLF2V
+from storydiffusion.video.unet import KEYFRAME_SOURCES
 from storydiffusion.world.models import TINY, resolve_video_model
 
 BACKENDS = ("smp", "flf2v")  # the transition step: our TransitionPipeline, or a diffusers first/last-frame one
@@ -37,20 +39,31 @@ BACKENDS = ("smp", "flf2v")  # the transition step: our TransitionPipeline, or a
 
 @dataclass(frozen=True)
 class TransitionSettings:
-    """How each transition is made."""
+    """How each transition is made. None: the backend's default -- for smp the video model's recommended
+    settings (`storydiffusion.json`), else `video.recommended.CALL_DEFAULTS`; for flf2v the model's own."""
 
-    num_frames: int = 8  # per transition, both keyframes included
-    steps: int = 25
-    guidance: float = 1.0
+    num_frames: int | None = None  # per transition, both keyframes included
+    steps: int | None = None
+    guidance: float | None = None
     seed: int = 0
     motion: str = "smp"  # or "linear": the predictor's transformer bypassed
     negative_prompt: str = ""
+    keyframe_tokens: str | None = None  # smp: "noisy" or "finished" (what keyframe attention reads)
+    keyframe_strength: float | None = None  # smp: the keyframes' keys weighted w
 
     def __post_init__(self) -> None:
-        if self.num_frames < 2:
+        if self.num_frames is not None and self.num_frames < 2:
             raise StoryDiffusionError(f"frames={self.num_frames}: a transition needs at least 2 frames (start and end)")
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise StoryDiffusionError(f"steps={self.steps} must be >= 1")
+        if self.keyframe_tokens is not None and self.keyframe_tokens not in KEYFRAME_SOURCES:
+            raise StoryDiffusionError(
+                f"keyframe tokens {self.keyframe_tokens!r}: choose {' or '.join(KEYFRAME_SOURCES)}"
+            )
+        if self.keyframe_strength is not None and not 0 < self.keyframe_strength < float("inf"):
+            raise StoryDiffusionError(
+                f"keyframe strength {self.keyframe_strength}: give a positive number (1: unweighted)"
+            )
 
 
 def load_transition_pipeline(model: str = "tiny", device: str = "auto", dtype: str = "auto") -> TransitionPipeline:
@@ -80,8 +93,6 @@ class SMPBackend:
     pipe: TransitionPipeline
     model: str = ""  # what the user named it by ('tiny', a folder, a hub id): recorded with its frames
     name = "smp"
-    default_frames = TransitionSettings.num_frames
-    default_guidance = TransitionSettings.guidance
     default_fps = 8.0
 
     @property
@@ -90,6 +101,26 @@ class SMPBackend:
 
     def check_keyframes(self, start: Image.Image, end: Image.Image, start_name: str, end_name: str) -> None:
         check_pair(start, end, start_name, end_name, self.pipe)
+
+    @property
+    def default_frames(self) -> int:
+        return self.complete(TransitionSettings()).num_frames
+
+    @property
+    def default_guidance(self) -> float:
+        return self.complete(TransitionSettings()).guidance
+
+    def complete(self, settings: TransitionSettings) -> TransitionSettings:
+        """`settings` with every None filled: the video model's recommended settings, else the defaults."""
+        chosen = call_settings(
+            getattr(self.pipe, "recommended", None),
+            num_frames=settings.num_frames,
+            steps=settings.steps,
+            guidance=settings.guidance,
+            keyframe_tokens=settings.keyframe_tokens,
+            keyframe_strength=settings.keyframe_strength,
+        )
+        return replace(settings, **chosen)
 
     def check_num_frames(self, num_frames: int) -> None:
         """Any count of 2 or more (TransitionSettings checks that)."""
@@ -176,17 +207,32 @@ def transition_record(backend: TransitionBackend, settings: TransitionSettings) 
     }
     if isinstance(backend, FLF2VBackend):
         record["pipeline"] = backend.family.class_name
-        del record["motion"]  # the SMP's switch; checked to be "smp" (unused) for flf2v
+        for key in ("motion", "keyframe_tokens", "keyframe_strength"):  # the SMP's switches, unused by flf2v
+            del record[key]
     return record
 
 
-def check_transition(backend: TransitionBackend, settings: TransitionSettings) -> None:
-    """Settings the backend cannot make, refused before any keyframe is read."""
-    if isinstance(backend, FLF2VBackend) and settings.motion != "smp":
+def check_transition_settings_for_flf2v(settings: TransitionSettings) -> None:
+    """The smp backend's own switches, refused for flf2v (before a model loads)."""
+    if settings.motion != "smp":
         raise StoryDiffusionError(
             f"motion={settings.motion!r} switches the Semantic Motion Predictor of --backend smp; flf2v has none"
         )
+    for name in ("keyframe_tokens", "keyframe_strength"):
+        if getattr(settings, name) is not None:
+            raise StoryDiffusionError(
+                f"{name.replace('_', ' ')} is a setting of --backend smp (its keyframe attention); flf2v has none"
+            )
+
+
+def check_transition(backend: TransitionBackend, settings: TransitionSettings) -> TransitionSettings:
+    """Settings the backend cannot make, refused before any keyframe is read; returns them completed (every
+    None filled by the backend: what makes the frames, and what a rerun must match to reuse them)."""
+    if isinstance(backend, FLF2VBackend):
+        check_transition_settings_for_flf2v(settings)
+    settings = backend.complete(settings)
     backend.check_num_frames(settings.num_frames)
+    return settings
 
 
 def read_keyframe(path: str | Path) -> Image.Image:
@@ -220,6 +266,7 @@ def transition(
 ) -> list[Image.Image]:
     """One transition's frames, seeded by `settings.seed`."""
     backend = as_backend(pipe)
+    settings = backend.complete(settings)
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     common = dict(
         num_frames=settings.num_frames,
@@ -230,7 +277,8 @@ def transition(
     )
     if isinstance(backend, FLF2VBackend):
         return backend(start, end, prompt, **common)
-    output = backend.pipe(start, end, prompt, motion=settings.motion, **common)
+    keyframes = dict(keyframe_tokens=settings.keyframe_tokens, keyframe_strength=settings.keyframe_strength)
+    output = backend.pipe(start, end, prompt, motion=settings.motion, **keyframes, **common)
     return output.frames[0]
 
 
@@ -246,7 +294,7 @@ def run_transition(
     """START + END images -> a video file (MP4 or GIF, by `out`'s suffix); `fps` defaults to the backend's
     (8 for smp, the model's own for flf2v)."""
     backend = as_backend(pipe)
-    check_transition(backend, settings)
+    settings = check_transition(backend, settings)
     start, end = read_keyframe(start_path), read_keyframe(end_path)
     backend.check_keyframes(start, end, str(start_path), str(end_path))
     frames = transition(backend, start, end, prompt, settings)
@@ -295,7 +343,7 @@ def run_story_video(
     `fps` defaults to the backend's (8 for smp, the model's own for flf2v).
     """
     backend = as_backend(pipe)
-    check_transition(backend, settings)
+    settings = check_transition(backend, settings)
     panels = story_panels(story_dir)
     images = [read_keyframe(path) for path, _ in panels]
     for (path, _), image in zip(panels[1:], images[1:]):

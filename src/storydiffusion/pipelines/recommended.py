@@ -104,6 +104,14 @@ def read_recommended(model: str | Path | None) -> RecommendedSettings | None:
 
     Never downloads: a hub model's file is read only when the hub cache holds it (it is fetched with the
     model's own files when the repo has one)."""
+    found = read_settings_file(model)
+    return None if found is None else RecommendedSettings.from_dict(*found)
+
+
+def read_settings_file(model: str | Path | None) -> tuple[Any, str] | None:
+    """(parsed JSON, path) of `model`'s `storydiffusion.json` -- image and video models alike -- or None.
+
+    `model` is a folder or a hub id whose file the local hub cache already holds: this never downloads."""
     if model is None:
         return None
     folder = Path(str(model)).expanduser()
@@ -119,10 +127,9 @@ def read_recommended(model: str | Path | None) -> RecommendedSettings | None:
     if path is None or not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8")), str(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise StoryDiffusionError(f"{path}: cannot read the model's recommended settings ({error})") from None
-    return RecommendedSettings.from_dict(data, str(path))
 
 
 def write_recommended(folder: str | Path, settings: RecommendedSettings, **notes: str) -> Path:
@@ -155,5 +162,6 @@ __all__ = [
     "RecommendedSettings",
     "csa_fields",
     "read_recommended",
+    "read_settings_file",
     "write_recommended",
 ]

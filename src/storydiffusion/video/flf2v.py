@@ -20,7 +20,7 @@ import inspect
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ LTX = FLF2VFamily(
     loads_from=("LTXPipeline", "LTXImageToVideoPipeline"),
 )
 FAMILIES = (WAN, LTX)
+DEFAULT_STEPS = 25  # a transition's steps where none are given (the classes' own 50 take twice as long)
 SUPPORTED = tuple(family.class_name for family in FAMILIES)
 
 
@@ -189,6 +190,16 @@ class FLF2VBackend:
     @property
     def default_fps(self) -> float:
         return self.family.fps
+
+    def complete(self, settings: Any) -> Any:
+        """A transition's settings (`app.video_runner.TransitionSettings`) with every None filled: the class's own
+        clip length and guidance, and DEFAULT_STEPS."""
+        return replace(
+            settings,
+            num_frames=self.default_frames if settings.num_frames is None else settings.num_frames,
+            steps=DEFAULT_STEPS if settings.steps is None else settings.steps,
+            guidance=self.default_guidance if settings.guidance is None else settings.guidance,
+        )
 
     @property
     def dtype(self) -> Any:

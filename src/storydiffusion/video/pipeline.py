@@ -17,8 +17,10 @@ the other baseline: no video model, a straight path between the keyframes' laten
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +31,12 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from storydiffusion.pipelines.prompts import encode_long_prompts
+from storydiffusion.video.recommended import (
+    VideoRecommendedSettings,
+    call_settings,
+    read_video_recommended,
+    write_video_recommended,
+)
 from storydiffusion.video.smp import SemanticMotionPredictor
 from storydiffusion.video.unet import (
     KEYFRAME_SOURCES,
@@ -132,6 +140,22 @@ class TransitionPipeline(DiffusionPipeline):
         # what this pipeline's keyframe attention reads (its own, never shared with another pipeline)
         self.keyframes = KeyframeTokens()
         use_keyframe_attention(self.unet, self.keyframes)
+        # the model folder's storydiffusion.json: a call's settings where the caller gives none
+        self.recommended: VideoRecommendedSettings | None = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> TransitionPipeline:
+        """diffusers' `from_pretrained`, plus the folder's recommended settings (`storydiffusion.json`) when it
+        has them (`video.recommended`): the defaults of every call that does not set them."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe.recommended = read_video_recommended(pretrained_model_name_or_path)
+        return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """diffusers' `save_pretrained`, keeping the recommended settings beside the weights."""
+        super().save_pretrained(save_directory, **kwargs)
+        if self.recommended is not None:
+            write_video_recommended(save_directory, self.recommended)
 
     # ------------------------------------------------------------------ encoders
 
@@ -201,17 +225,17 @@ class TransitionPipeline(DiffusionPipeline):
         start_image: Image.Image | Sequence[Image.Image],
         end_image: Image.Image | Sequence[Image.Image],
         prompt: str | Sequence[str] = "",
-        num_frames: int = 8,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 1.0,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         motion: str = "smp",
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         anchor_keyframes: bool = True,
-        keyframe_tokens: str = "noisy",
-        keyframe_strength: float = 1.0,
+        keyframe_tokens: str | None = None,
+        keyframe_strength: float | None = None,
         return_dict: bool = True,
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
     ) -> TransitionPipelineOutput | tuple:
@@ -231,7 +255,20 @@ class TransitionPipeline(DiffusionPipeline):
             keyframe_strength: the keyframes' keys weighted w in that attention's softmax (1: unweighted).
             callback_on_step_end: called as `fn(pipe, step, timestep, {"latents": ...})`; may return
                 {"latents": ...} to replace them.
+
+        num_frames, num_inference_steps, guidance_scale, keyframe_tokens and keyframe_strength left None come
+        from the model's recommended settings (`self.recommended`), else 8, 25, 1.0, "noisy" and 1.0.
         """
+        chosen = call_settings(
+            self.recommended,
+            num_frames=num_frames,
+            steps=num_inference_steps,
+            guidance=guidance_scale,
+            keyframe_tokens=keyframe_tokens,
+            keyframe_strength=keyframe_strength,
+        )
+        num_frames, num_inference_steps, guidance_scale = chosen["num_frames"], chosen["steps"], chosen["guidance"]
+        keyframe_tokens, keyframe_strength = chosen["keyframe_tokens"], chosen["keyframe_strength"]
         # 1. Check inputs
         starts, ends = _as_list(start_image), _as_list(end_image)
         prompts = [prompt] * len(starts) if isinstance(prompt, str) else list(prompt)
