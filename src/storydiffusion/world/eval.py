@@ -248,6 +248,37 @@ class EvalSettings:
         return self.recommended.steps or self.steps, self.recommended.guidance or self.guidance
 
 
+@dataclass
+class ArmRuns:
+    """The story runs of one arm as they come, classified and CLIP-scored; `result()` is the arm's JSON entry."""
+
+    classifier: Any
+    clip: Any
+    runs: list[EvalStory] = field(default_factory=list)
+    predictions: list[list[dict[str, str]]] = field(default_factory=list)
+    clip_i: list[float] = field(default_factory=list)
+    clip_t: list[float] = field(default_factory=list)
+
+    def add(self, story: EvalStory, images: Sequence[Any], prompts: Sequence[str]) -> list[dict[str, str]]:
+        """Score one run's images (frame order); returns their classified attributes."""
+        predicted = self.classifier.predict(images)
+        self.runs.append(story)
+        self.predictions.append(predicted)
+        self.clip_i.append(self.clip.clip_i(images))
+        self.clip_t.append(self.clip.clip_t(images, list(prompts)))
+        return predicted
+
+    def result(self) -> dict[str, Any]:
+        scores = score_arm(self.runs, self.predictions)
+        return {
+            "identity_agreement": scores["identity_agreement"],
+            "prompt_alignment": scores["prompt_alignment"],
+            "clip_i": float(np.mean(self.clip_i)),
+            "clip_t": float(np.mean(self.clip_t)),
+            "per_attribute": scores["per_attribute"],
+        }
+
+
 def strip_config() -> CSAConfig:
     """Full mutual self-attention on every layer at every step: the model's own multi-panel canvas."""
     return CSAConfig(rate=1.0, layers=("*",), schedule=CSASchedule.always())
@@ -294,7 +325,7 @@ def evaluate(
     for arm, (config, shared_noise) in arms.items():
         story_pipe = StoryPipeline(pipe, config)
         steps, guidance = settings.steps_and_guidance(arm == "recommended")
-        runs, predictions, clip_i, clip_t = [], [], [], []
+        scored = ArmRuns(classifier, clip)
         for seed in settings.seeds:
             for story in stories:
                 frames = story.story.to_frames()
@@ -309,24 +340,13 @@ def evaluate(
                     same_initial_noise=shared_noise,
                     progress=False,
                 )
-                images = out.images
-                runs.append(story)
-                predictions.append(classifier.predict(images))
-                clip_i.append(clip.clip_i(images))
-                clip_t.append(clip.clip_t(images, [f.prompt for f in frames]))
+                scored.add(story, out.images, [f.prompt for f in frames])
                 if on_story is not None:
-                    on_story(arm, seed, story, images)
+                    on_story(arm, seed, story, out.images)
                 done += 1
                 if progress is not None:
                     progress(done, total)
-        scores = score_arm(runs, predictions)
-        results[arm] = {
-            "identity_agreement": scores["identity_agreement"],
-            "prompt_alignment": scores["prompt_alignment"],
-            "clip_i": float(np.mean(clip_i)),
-            "clip_t": float(np.mean(clip_t)),
-            "per_attribute": scores["per_attribute"],
-        }
+        results[arm] = scored.result()
     if "strip" in results:
         strip = results.pop("strip")
         results["within_strip_agreement"] = strip["identity_agreement"]

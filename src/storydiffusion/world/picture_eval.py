@@ -27,7 +27,7 @@ from PIL import Image
 from storydiffusion.csa.attention import CSAConfig
 from storydiffusion.world import render as world
 from storydiffusion.world.classifier import visible_truth
-from storydiffusion.world.eval import EvalSettings, EvalStory, score_arm
+from storydiffusion.world.eval import ArmRuns, EvalSettings, EvalStory
 
 PICTURE_ARMS: tuple[str, ...] = ("no_picture", "picture_step", "picture_clean", "picture_clean_w4")
 PICTURE_SIZE = 64  # the tiny world's panel size; the pipeline fits pictures to the story's size anyway
@@ -91,7 +91,7 @@ def evaluate_pictures(
     for arm, config in arms.items():
         story_pipe = StoryPipeline(pipe, config)
         steps, guidance = settings.steps_and_guidance(arm == "picture_recommended")
-        runs, predictions, agreements, clip_i, clip_t = [], [], [], [], []
+        scored, agreements = ArmRuns(classifier, clip), []
         for seed in settings.seeds:
             for story, panel, picture in zip(stories, panels, pictures):
                 frames = story.story.to_frames()
@@ -108,26 +108,14 @@ def evaluate_pictures(
                     progress=False,
                 )
                 images: list[Image.Image] = out.images
-                classified = classifier.predict(images)
-                runs.append(story)
-                predictions.append(classified)
+                classified = scored.add(story, images, [f.prompt for f in frames])
                 agreements.append(picture_agreement(classified, visible_truth(panel), story.unspecified))
-                clip_i.append(clip.clip_i(images))
-                clip_t.append(clip.clip_t(images, [f.prompt for f in frames]))
                 if on_story is not None:
                     on_story(arm, seed, story, [picture, *images])
                 done += 1
                 if progress is not None:
                     progress(done, total)
-        scores = score_arm(runs, predictions)
-        results[arm] = {
-            "picture_agreement": float(np.mean(agreements)),
-            "identity_agreement": scores["identity_agreement"],
-            "prompt_alignment": scores["prompt_alignment"],
-            "clip_i": float(np.mean(clip_i)),
-            "clip_t": float(np.mean(clip_t)),
-            "per_attribute": scores["per_attribute"],
-        }
+        results[arm] = {"picture_agreement": float(np.mean(agreements)), **scored.result()}
     results["stories"] = len(stories)
     results["seeds"] = list(settings.seeds)
     return results
