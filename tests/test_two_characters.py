@@ -2,20 +2,24 @@
 
 import json
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from storydiffusion.app import cli
+from storydiffusion.pipelines.recommended import RecommendedSettings
 from storydiffusion.story.format import Story, StoryFormatError
 from storydiffusion.world import render as world
 from storydiffusion.world.classifier import load_default_classifier
+from storydiffusion.world.eval import EvalSettings
 from storydiffusion.world.two_characters import (
     HALF_BOXES,
     PairFrame,
     PairStory,
     default_pair_stories,
     figure_view,
+    pair_arm_settings,
     pair_frames,
     score_pairs,
     world_poses,
@@ -139,7 +143,7 @@ def test_eval_two_characters_end_to_end(monkeypatch, capsys, tmp_path):
         assert not stop.code
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
-    for arm in ("baseline", "unmasked", "masked", "regions", "regional_prompts"):
+    for arm in ("baseline", "unmasked", "masked", "regions", "regional_prompts", "recommended_masked"):
         assert set(printed[arm]) == {
             "own_identity_agreement",
             "other_identity_agreement",
@@ -149,4 +153,15 @@ def test_eval_two_characters_end_to_end(monkeypatch, capsys, tmp_path):
         }
         assert 0.0 <= printed[arm]["own_identity_agreement"] <= 1.0
     assert printed["stories"] == 1 and "by position" in printed["matching"]
-    assert len(list((tmp_path / "images").glob("*.png"))) == 5
+    assert len(list((tmp_path / "images").glob("*.png"))) == 6
+
+
+def test_the_recommended_arm_reads_the_models_settings_with_masks():
+    recommended = RecommendedSettings.from_dict(
+        {"csa": {"rate": 1.0, "bank_from": "sequential", "reference_noise": 0.0, "subject_masks": "off"}, "steps": 7}
+    )
+    arms = pair_arm_settings(EvalSettings(recommended=recommended))
+    config, regions = arms["recommended_masked"]
+    assert config == replace(recommended.csa_config(), subject_masks="infer") and not regions
+    assert EvalSettings(recommended=recommended).steps_and_guidance(True) == (7, 4.0)
+    assert "recommended_masked" not in pair_arm_settings(EvalSettings())

@@ -265,7 +265,8 @@ def eval_command(
         bool,
         typer.Option(
             help="Two characters per frame: own-identity agreement and swap rate in arms baseline, unmasked, "
-            "masked, regions and regional_prompts (12 built-in stories; --quick: 4)."
+            "masked, regions, regional_prompts and, with the model's storydiffusion.json, recommended_masked "
+            "(12 built-in stories; --quick: 4)."
         ),
     ] = False,
     pictures: Annotated[

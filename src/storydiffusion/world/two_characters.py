@@ -14,6 +14,8 @@ Arms (same seeds, so the only difference is how the banks are read):
     masked     CSA on, subject masks inferred from the cross-attention of each character's tokens
     regions    CSA on, the masks given as boxes: left half for the first character, right half for the second
     regional_prompts  as regions, and each description read by the cross-attention only inside its box
+    recommended_masked  the model's recommended settings (its storydiffusion.json: CSA, steps, guidance), masks
+               inferred -- when the model has them
 
 Scores per arm, over the joint frames (figures `f` of character `c`, solo frames `r` of `c` or of the other
 character `o`, identity attributes `a` that the descriptions leave to the model):
@@ -254,6 +256,12 @@ def pair_arm_settings(settings: EvalSettings) -> dict[str, tuple[CSAConfig, bool
         "masked": (replace(csa, subject_masks="infer"), False),
         "regions": (replace(csa, subject_masks="infer"), True),
         "regional_prompts": (replace(csa, subject_masks="infer", regional_prompts=True), True),
+        # the model's own settings (its storydiffusion.json, masks inferred), when it has them
+        **(
+            {"recommended_masked": (replace(settings.recommended.csa_config(), subject_masks="infer"), False)}
+            if settings.recommended
+            else {}
+        ),
     }
 
 
@@ -284,6 +292,7 @@ def evaluate_pairs(
     total, done = len(arms) * len(stories) * len(settings.seeds), 0
     for arm, (config, regions) in arms.items():
         story_pipe = StoryPipeline(pipe, config)
+        steps, guidance = settings.steps_and_guidance(arm == "recommended_masked")
         runs, predictions = [], []
         for seed in settings.seeds:
             for story in stories:
@@ -291,8 +300,8 @@ def evaluate_pairs(
                     story.story.character_descriptions(),
                     pair_frames(story, regions),
                     id_length=story.story.settings.id_length,
-                    num_inference_steps=settings.steps,
-                    guidance_scale=settings.guidance,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
                     seed=seed,
                     progress=False,
                 )
