@@ -35,6 +35,13 @@ SETTINGS = {
     "r=1.0, all layers, always": (CSAConfig(rate=1.0, layers=ALL_LAYERS, schedule=CSASchedule.always()), 2),
     "default, id_length=1": (CSAConfig(), 1),
     "default, id_length=3": (CSAConfig(), 3),
+    # banks of finished references (the pictures issue), read clean
+    "finished references, read clean": (CSAConfig(bank_from="finished", reference_noise=0.0), 2),
+    "sequential references, read clean": (CSAConfig(bank_from="sequential", reference_noise=0.0), 2),
+    "sequential, clean, 4x, r=1.0, all layers (the tiny model's storydiffusion.json)": (
+        CSAConfig(rate=1.0, layers=ALL_LAYERS, bank_from="sequential", reference_noise=0.0, reference_strength=4.0),
+        2,
+    ),
 }
 
 

@@ -519,8 +519,8 @@ def eval_video_command(
     images: Annotated[Path | None, typer.Option(help="Save each clip's frames, one row per arm, here.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
 ) -> None:
-    """Score transitions in five arms (smp; smp_finished and smp_finished_w4, reading the finished keyframes;
-    linear_embedding; latent_interpolation): trajectory error,
+    """Score transitions in six arms (smp; smp_finished and smp_finished_w4, reading the finished keyframes;
+    linear_embedding and linear_finished_w4, the straight path; latent_interpolation): trajectory error,
     identity agreement, feature distance (LPIPS's recipe on the world classifier's features) and CLIPSIM
     first/frames; the last line printed is the JSON result."""
     import json

@@ -1,4 +1,4 @@
-"""`storydiffusion eval-video`: transitions between held-out tiny-world keyframes, scored in five arms.
+"""`storydiffusion eval-video`: transitions between held-out tiny-world keyframes, scored in six arms.
 
 Arms, all from the same two keyframes and prompt of each held-out clip:
 - `smp`: the transition model with its Semantic Motion Predictor, each frame's keyframe attention reading
@@ -6,7 +6,8 @@ Arms, all from the same two keyframes and prompt of each held-out clip:
 - `smp_finished`, `smp_finished_w4`: the same reading the finished keyframes' tokens (one pass per clip,
   `keyframe_tokens="finished"`), unweighted and weighted 4x (`keyframe_strength`);
 - `linear_embedding`: the same model, the predictor's transformer bypassed (a straight path between
-  the keyframes' CLIP embeddings — the paper's ablation);
+  the keyframes' CLIP embeddings — the paper's ablation); `linear_finished_w4`: the same, reading the finished
+  keyframes at 4x (the straight path for `smp_finished_w4`: only the motion differs);
 - `latent_interpolation`: no video model, a straight path between the keyframes' VAE latents.
 
 Metrics per arm, averaged over clips:
@@ -43,13 +44,14 @@ from storydiffusion.world.classifier import AttributeClassifier, agreement, load
 from storydiffusion.world.models import TINY_CLIP_DIR
 from storydiffusion.world.video import held_out_clips, trajectory_error
 
-ARMS = ("smp", "smp_finished", "smp_finished_w4", "linear_embedding", "latent_interpolation")
+ARMS = ("smp", "smp_finished", "smp_finished_w4", "linear_embedding", "linear_finished_w4", "latent_interpolation")
 # the video model's arms: (motion, keyframe tokens, keyframe strength)
 MODEL_ARMS = {
     "smp": ("smp", "noisy", 1.0),
     "smp_finished": ("smp", "finished", 1.0),
     "smp_finished_w4": ("smp", "finished", 4.0),
     "linear_embedding": ("linear", "noisy", 1.0),
+    "linear_finished_w4": ("linear", "finished", 4.0),
 }
 METRICS = (
     "trajectory_error",
