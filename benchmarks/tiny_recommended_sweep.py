@@ -41,6 +41,21 @@ CANDIDATES = {  # changes to the file's CSA settings
         "reference_strength": 4.0,
         "schedule": {"plain_fraction": 0.35, "stages": [[1.0, 0.9]]},
     },
+    "sequential_w4_late10": {
+        "bank_from": "sequential",
+        "reference_noise": 0.0,
+        "reference_strength": 4.0,
+        "schedule": {"plain_fraction": 0.1, "stages": [[0.4, 0.7], [1.0, 0.9]]},
+    },
+    # weaker or sparser reads of the same bank
+    "sequential_w2": {"bank_from": "sequential", "reference_noise": 0.0, "reference_strength": 2.0},
+    "sequential_w4_rate05": {"bank_from": "sequential", "reference_noise": 0.0, "reference_strength": 4.0, "rate": 0.5},
+    "sequential_w4_decoder": {
+        "bank_from": "sequential",
+        "reference_noise": 0.0,
+        "reference_strength": 4.0,
+        "layers": ["up_blocks.*"],
+    },
     "sequential_w8_late35": {
         "bank_from": "sequential",
         "reference_noise": 0.0,
