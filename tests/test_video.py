@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import run_cli as invoke_cli
+from helpers import world_story_folder
 from PIL import Image
 
 from storydiffusion.video import (
@@ -22,7 +23,6 @@ from storydiffusion.video import (
 )
 from storydiffusion.video.training import diffusion_loss, encode_clips, smp_loss
 from storydiffusion.video.unet import KeyframeAttnProcessor, graft_image_unet, semantic_map
-from storydiffusion.world import render as world
 from storydiffusion.world.video import (
     MOTIONS,
     figure_position,
@@ -705,13 +705,7 @@ def test_video_command_needs_images_or_a_story(run_cli, pipe_folder):
 
 
 def test_story_video_chains_the_panels_and_resumes(run_cli, pipe_folder, tmp_path):
-    rng = np.random.default_rng(2)
-    panels = {}
-    for i in range(3):
-        panel = world.sample_panel(rng, scene="beach")
-        world.render_panel(panel).save(tmp_path / f"panel_{i:02d}.png")
-        panels[str(i)] = {"index": i, "file": f"panel_{i:02d}.png", "prompt": panel.caption, "caption": ""}
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "storydiffusion.run", "panels": panels}))
+    world_story_folder(tmp_path, 3)
     args = ["video", "--story", tmp_path, "--frames", 3, "--steps", 1, "--model", pipe_folder, "--device", "cpu"]
     code, printed = run_cli(*args)
     assert code == 0, printed

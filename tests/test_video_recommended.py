@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import run_cli as invoke_cli
+from helpers import world_story_folder
 
 from storydiffusion.app.video_runner import SMPBackend, TransitionSettings, load_transition_pipeline
 from storydiffusion.errors import StoryDiffusionError
@@ -18,7 +19,6 @@ from storydiffusion.video.recommended import (
     read_video_recommended,
     write_video_recommended,
 )
-from storydiffusion.world import render as world
 from storydiffusion.world.models import TINY_VIDEO_DIR
 from storydiffusion.world.video import fresh_tiny_transition_pipeline, sample_clip
 
@@ -112,15 +112,7 @@ def test_written_settings_read_back(tmp_path):
 
 @pytest.fixture
 def story(tmp_path):
-    """A story run's folder as `storydiffusion story` leaves it: two world panels and the manifest."""
-    rng = np.random.default_rng(2)
-    panels = {}
-    for i in range(2):
-        panel = world.sample_panel(rng, scene="beach")
-        world.render_panel(panel).save(tmp_path / f"panel_{i:02d}.png")
-        panels[str(i)] = {"index": i, "file": f"panel_{i:02d}.png", "prompt": panel.caption, "caption": ""}
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "storydiffusion.run", "panels": panels}))
-    return tmp_path
+    return world_story_folder(tmp_path, 2)
 
 
 def test_video_story_uses_the_models_settings_and_the_options_win(monkeypatch, capsys, folder, story):

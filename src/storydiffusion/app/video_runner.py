@@ -102,18 +102,10 @@ class SMPBackend:
     def check_keyframes(self, start: Image.Image, end: Image.Image, start_name: str, end_name: str) -> None:
         check_pair(start, end, start_name, end_name, self.pipe)
 
-    @property
-    def default_frames(self) -> int:
-        return self.complete(TransitionSettings()).num_frames
-
-    @property
-    def default_guidance(self) -> float:
-        return self.complete(TransitionSettings()).guidance
-
     def complete(self, settings: TransitionSettings) -> TransitionSettings:
         """`settings` with every None filled: the video model's recommended settings, else the defaults."""
         chosen = call_settings(
-            getattr(self.pipe, "recommended", None),
+            self.pipe.recommended,
             num_frames=settings.num_frames,
             steps=settings.steps,
             guidance=settings.guidance,

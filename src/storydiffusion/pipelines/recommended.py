@@ -134,8 +134,13 @@ def read_settings_file(model: str | Path | None) -> tuple[Any, str] | None:
 
 def write_recommended(folder: str | Path, settings: RecommendedSettings, **notes: str) -> Path:
     """Write `settings` (and free-text `notes`, e.g. measured=...) as the folder's `storydiffusion.json`."""
+    return write_settings_file(folder, settings.to_dict(), **notes)
+
+
+def write_settings_file(folder: str | Path, settings: Mapping[str, Any], **notes: str) -> Path:
+    """`settings` and the NOTE_KEYS among `notes` as the folder's `storydiffusion.json` (image or video model)."""
     path = Path(folder) / RECOMMENDED_FILE
-    data = {**settings.to_dict(), **{key: notes[key] for key in NOTE_KEYS if key in notes}}
+    data = {**settings, **{key: notes[key] for key in NOTE_KEYS if key in notes}}
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
 
@@ -163,5 +168,6 @@ __all__ = [
     "csa_fields",
     "read_recommended",
     "read_settings_file",
+    "write_settings_file",
     "write_recommended",
 ]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from storydiffusion.errors import StoryDiffusionError
-from storydiffusion.pipelines.recommended import NOTE_KEYS, RECOMMENDED_FILE, read_settings_file
+from storydiffusion.pipelines.recommended import NOTE_KEYS, read_settings_file, write_settings_file
 from storydiffusion.video.unet import KEYFRAME_SOURCES
 
 # a TransitionPipeline call's defaults where neither the caller nor the model's file sets a value
@@ -93,12 +93,7 @@ def read_video_recommended(model: str | Path | None) -> VideoRecommendedSettings
 
 def write_video_recommended(folder: str | Path, settings: VideoRecommendedSettings, **notes: str) -> Path:
     """Write `settings` (and free-text `notes`, e.g. measured=...) as the folder's `storydiffusion.json`."""
-    import json
-
-    path = Path(folder) / RECOMMENDED_FILE
-    data = {**settings.to_dict(), **{key: notes[key] for key in NOTE_KEYS if key in notes}}
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    return path
+    return write_settings_file(folder, settings.to_dict(), **notes)
 
 
 def call_settings(recommended: VideoRecommendedSettings | None, **given: Any) -> dict[str, Any]:
