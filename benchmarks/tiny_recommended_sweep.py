@@ -3,6 +3,10 @@ how strongly it is read, each run as `storydiffusion eval`'s `recommended` arm (
 and guidance, with one change each); prints one line per candidate and, last, one JSON object.
 
     python benchmarks/tiny_recommended_sweep.py --count 12 --seeds 0
+    python benchmarks/tiny_recommended_sweep.py --count 24 --seeds 0,1,2 --pictures --only finished_w4
+
+`--pictures` runs each candidate with the character given by a picture instead (`eval --pictures`'
+`picture_recommended` arm: a render of the character in a pose and scene no frame uses).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from storydiffusion.pipelines.recommended import read_recommended
 from storydiffusion.world.classifier import load_default_classifier
 from storydiffusion.world.eval import EvalSettings, default_stories, evaluate
 from storydiffusion.world.models import TINY, resolve_clip, resolve_model
+from storydiffusion.world.picture_eval import evaluate_pictures
 
 CANDIDATES = {  # changes to the file's CSA settings
     "steps_w1": {"bank_from": "steps", "reference_strength": 1.0},
@@ -56,6 +61,32 @@ CANDIDATES = {  # changes to the file's CSA settings
         "reference_strength": 4.0,
         "layers": ["up_blocks.*"],
     },
+    "sequential_w4_no_mid": {
+        "bank_from": "sequential",
+        "reference_noise": 0.0,
+        "reference_strength": 4.0,
+        "layers": ["down_blocks.*", "up_blocks.*"],
+    },
+    "sequential_w4_16px": {
+        "bank_from": "sequential",
+        "reference_noise": 0.0,
+        "reference_strength": 4.0,
+        "layers": ["up_blocks.2.*"],
+    },
+    # the references' and pictures' scene left out of the bank: only their inferred subject masks lend
+    "sequential_w4_subject": {
+        "bank_from": "sequential",
+        "reference_noise": 0.0,
+        "reference_strength": 4.0,
+        "subject_only": True,
+    },
+    "sequential_w4_subject_d0": {
+        "bank_from": "sequential",
+        "reference_noise": 0.0,
+        "reference_strength": 4.0,
+        "subject_only": True,
+        "mask_dilation": 0,
+    },
     "sequential_w8_late35": {
         "bank_from": "sequential",
         "reference_noise": 0.0,
@@ -71,6 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=12, help="built-in stories")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
+    parser.add_argument(
+        "--pictures",
+        action="store_true",
+        help="run each candidate as `eval --pictures`' picture_recommended arm (the character given by a picture)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -90,11 +126,19 @@ def main(argv: list[str] | None = None) -> None:
         change = CANDIDATES[name]
         candidate = dataclasses.replace(recommended, csa={**recommended.csa, **change})
         settings = EvalSettings(seeds=seeds, recommended=candidate)
-        scores = evaluate(pipe, default_stories(args.count), settings, classifier, clip, only=["recommended"])
-        table[name] = {key: round(value, 4) for key, value in scores["recommended"].items() if isinstance(value, float)}
-        print(f"{name:>14}: identity {table[name]['identity_agreement']:.3f}, "
+        stories = default_stories(args.count)
+        if args.pictures:
+            arm = "picture_recommended"
+            scores = evaluate_pictures(pipe, stories, settings, classifier, clip, only=[arm])
+        else:
+            arm = "recommended"
+            scores = evaluate(pipe, stories, settings, classifier, clip, only=[arm])
+        table[name] = {key: round(value, 4) for key, value in scores[arm].items() if isinstance(value, float)}
+        shown = "picture_agreement" if args.pictures else "identity_agreement"
+        print(f"{name:>14}: {shown} {table[name][shown]:.3f}, "
               f"alignment {table[name]['prompt_alignment']:.3f}", flush=True)  # fmt: skip
-    print(json.dumps({"model": args.model, "count": args.count, "seeds": list(seeds), "threads": args.threads,
+    print(json.dumps({"model": args.model, "count": args.count, "pictures": args.pictures, "seeds": list(seeds),
+                      "threads": args.threads,
                       "seconds": round(time.perf_counter() - started, 1), "candidates": table}))  # fmt: skip
 
 

@@ -126,6 +126,12 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--source-max-t", type=int, default=50, help="a copy group's source panel has t below this")
     p.add_argument(
+        "--copy-strength",
+        default="1",
+        help="comma-separated strengths a copy group's readers weight the source's tokens by, one drawn per step "
+        "(as `CSAConfig.reference_strength` reads a bank); the picture signal reads at the largest",
+    )
+    p.add_argument(
         "--encoder-attention",
         action="store_true",
         help="attention in the 16x16 encoder block too (wt.ENCODER_ATTENTION_BLOCKS); grown from --init",
@@ -329,7 +335,8 @@ class PictureSignal:
 
     STEPS, GUIDANCE = 20, 4.0
 
-    def __init__(self, vae, tokenizer, text_encoder, seed: int, count: int) -> None:
+    def __init__(self, vae, tokenizer, text_encoder, seed: int, count: int, strength: float = 1.0) -> None:
+        self.strength = strength
         rng = np.random.default_rng([seed, 2_000_003])
         groups = [wt.sample_group(rng, size=3, omit_probability=wt.IDENTITY_FREE) for _ in range(count)]
         self.pictures = [group[0] for group in groups]
@@ -357,7 +364,7 @@ class PictureSignal:
         text, source_text, source = self.text.to(device), self.source_text.to(device), self.source.to(device)
         for processor in joint:
             processor.panels, processor.rate, processor.copy = (2 if with_picture else 1), 1.0, True
-            processor.part_labels = None
+            processor.part_labels, processor.strength = None, self.strength
         for t in scheduler.timesteps:
             if with_picture:  # groups [picture, frame], uncond groups first
                 inputs = torch.stack([source, latents], 1).flatten(0, 1).repeat(2, 1, 1, 1)
@@ -430,7 +437,8 @@ def main() -> None:
     pool.wait_for_data()
     vae = AutoencoderKL.from_pretrained(args.vae)
     signal = SiblingSignal(vae, tokenizer, text_encoder, args.seed)
-    pictures = PictureSignal(vae, tokenizer, text_encoder, args.seed, args.picture_count)
+    strengths = [float(w) for w in args.copy_strength.split(",")]
+    pictures = PictureSignal(vae, tokenizer, text_encoder, args.seed, args.picture_count, max(strengths))
     if step == 0:
         ema.train(False)
         start = {"no_picture": pictures.measure(ema, ema_joint, args.device, with_picture=False)}
@@ -460,8 +468,10 @@ def main() -> None:
         parts = {n: labels.to(args.device) for n, labels in batch.parts.items()}
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         rate = rng.choice((0.5, 0.75, 1.0))
+        strength = rng.choice(strengths) if len(strengths) > 1 else strengths[0]  # one value: the RNG as before
         for processor in joint:
             processor.panels, processor.rate, processor.copy = per_group, rate, copy_group
+            processor.strength = strength
             processor.part_labels, processor.part_losses = (parts if args.part_weight > 0 else None), []
         prediction = unet(noisy, timesteps, text).sample
         target = noise_scheduler.get_velocity(latents, noise, timesteps)  # v-prediction target

@@ -12,6 +12,7 @@ from PIL import Image
 
 from storydiffusion import CSAConfig, CSASchedule, StoryDiffusionError
 from storydiffusion.csa.bank import BankMismatchError
+from storydiffusion.csa.masks import grid_masks
 from storydiffusion.pipelines.characters import CharacterRecipe, load_character
 from storydiffusion.pipelines.pictures import MAX_PICTURES, images_as_pixels
 from storydiffusion.pipelines.story_pipeline import StoryPipeline, derived_seed
@@ -127,6 +128,82 @@ def test_sequential_references_read_the_finished_ones_before_them(sd_pipe):
     assert sequential.banks["Mia"].stored_entries == len({layer for _, layer in sequential.banks["Mia"].keys()})
 
 
+def _picture_layer_inputs(sd_pipe, layers, level: float, noise_seed: int) -> dict[str, torch.Tensor]:
+    """Each CSA layer's self-attention input for `picture()` noised to `level` and denoised once with Mia's
+    description, both guidance halves: what a picture lends, written out with the scheduler's own add_noise."""
+    pixels = images_as_pixels([picture()])
+    latents = sd_pipe.vae.encode(pixels).latent_dist.mode() * sd_pipe.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(noise_seed))
+    timestep = torch.tensor([round(level * 999)])
+    noisy = DDPMScheduler.from_config(sd_pipe.scheduler.config).add_noise(latents, noise, timestep)
+    text, negative = sd_pipe.encode_prompt(CHARACTERS["Mia"], "cpu", 1, True, "")
+    seen = {}
+
+    def keep(name, module, args, kwargs):
+        seen[name] = args[0]
+
+    modules = dict(sd_pipe.unet.named_modules())
+    hooks = [modules[name].register_forward_pre_hook(partial(keep, name), with_kwargs=True) for name in layers]
+    try:
+        with torch.no_grad():
+            sd_pipe.unet(torch.cat([noisy] * 2), timestep, encoder_hidden_states=torch.cat([negative, text]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def test_subject_only_picture_at_a_fixed_level_lends_exactly_its_subject_tokens(sd_pipe):
+    """A first pass infers the picture's subject mask; the bank then holds, per layer, the picture's tokens
+    inside that mask (rate 1: all of them) and no others -- fewer than the whole picture lends."""
+    pipe = story(sd_pipe, rate=1.0, reference_noise=0.0, subject_only=True)
+    inferred = []
+    infer = pipe.csa.inferred_subject_masks
+    pipe.csa.inferred_subject_masks = lambda: inferred.append(infer()) or inferred[-1]
+    bank = pipe(CHARACTERS, STORY, character_images={"Mia": [picture()]}, **RUN).banks["Mia"]
+    (masks,) = inferred  # one maps pass, for the one picture character
+    mask = masks[0]["Mia"]
+    assert 0 < int(mask.sum()) < mask.numel()
+    layers = {layer for _, layer in bank.keys()}
+    seen = _picture_layer_inputs(sd_pipe, layers, 0.0, derived_seed(5, 2, 0))
+    for layer in layers:
+        inside = grid_masks({"Mia": mask}, seen[layer].shape[1])["Mia"]
+        stored = bank.get(1, layer, torch.float32, torch.device("cpu"), 2)
+        torch.testing.assert_close(stored, seen[layer][:, inside], atol=1e-4, rtol=1e-4)
+    whole = story(sd_pipe, rate=1.0, reference_noise=0.0)(
+        CHARACTERS, STORY, character_images={"Mia": [picture()]}, **RUN
+    )
+    assert bank.nbytes < whole.banks["Mia"].nbytes
+
+
+def test_subject_only_picture_whose_subject_is_not_found_lends_the_whole_picture(sd_pipe, caplog, monkeypatch):
+    monkeypatch.setattr("storydiffusion.csa.subjects.SubjectMaps.masks", lambda self, dilation=1: [{}])
+    pipe = story(sd_pipe, rate=1.0, reference_noise=0.0, subject_only=True)
+    with caplog.at_level(logging.WARNING):
+        bank = pipe(CHARACTERS, STORY, character_images={"Mia": [picture()]}, **RUN).banks["Mia"]
+    assert "no subject found in picture 1 of 'Mia'" in caplog.text
+    whole = story(sd_pipe, rate=1.0, reference_noise=0.0)(
+        CHARACTERS, STORY, character_images={"Mia": [picture()]}, **RUN
+    )
+    assert bank.nbytes == whole.banks["Mia"].nbytes and len(bank) == len(whole.banks["Mia"])
+
+
+def test_subject_only_step_level_picture_lends_once_its_mask_is_found(sd_pipe):
+    """Each step's level in turn, as a reference phase: nothing is lent before the first maps exist (step 0),
+    then only tokens inside the mask."""
+    subject = story(sd_pipe, rate=1.0, reference_noise="step", subject_only=True)
+    whole = story(sd_pipe, rate=1.0, reference_noise="step")
+    bank = subject(CHARACTERS, STORY, character_images={"Mia": [picture()]}, **RUN).banks["Mia"]
+    full = whole(CHARACTERS, STORY, character_images={"Mia": [picture()]}, **RUN).banks["Mia"]
+    assert {step for step, _ in bank.keys()} == {1, 2} and {step for step, _ in full.keys()} == {0, 1, 2}
+    sizes = {
+        layer: (b.get(1, layer, torch.float32, torch.device("cpu"), 2).shape[1] for b in (bank, full))
+        for _, layer in bank.keys()
+    }
+    lent, all_tokens = (sum(n) for n in zip(*(tuple(pair) for pair in sizes.values())))
+    assert 0 < lent < all_tokens
+
+
 def test_picture_character_file_regenerates_its_bank_and_refuses_a_changed_picture(sd_pipe, tmp_path):
     pipe = story(sd_pipe, reference_noise=0.1)
     out = pipe(CHARACTERS, STORY, character_images={"Mia": [picture(3, size=80)]}, **RUN)
@@ -188,6 +265,27 @@ def test_pictures_on_every_model_family_and_dtype(kind, dtype):
     tolerance = 0.0 if dtype == torch.float32 else 0.05
     for ours, float32 in zip(given.images, reference.images):
         assert float(np.abs(ours - float32).mean()) <= tolerance
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_subject_only_pictures_on_dits(kind):
+    """A DiT's joint blocks find a picture's subject from its text tokens too: the bank lends fewer tokens than
+    the whole picture, and the frames read it."""
+    from storydiffusion.pipelines import tiny_random
+
+    pipe = getattr(tiny_random, f"tiny_{kind}_pipeline")(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    run = dict(RUN, height=32, width=32, num_inference_steps=2)
+
+    def draw(image, **config):
+        story_pipe = StoryPipeline(
+            pipe, CSAConfig(schedule=ALWAYS, reference_noise=0.0, **config), bank_dtype="float32"
+        )
+        return story_pipe(CHARACTERS, STORY[:2], character_images={"Mia": [image]}, **run)
+
+    subject, whole, other = draw(picture(1), subject_only=True), draw(picture(1)), draw(picture(2), subject_only=True)
+    assert 0 < subject.banks["Mia"].nbytes < whole.banks["Mia"].nbytes
+    assert not np.array_equal(subject.images[0], other.images[0])
 
 
 def test_dits_refuse_a_reference_strength():

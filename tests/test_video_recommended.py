@@ -85,8 +85,8 @@ def test_the_shipped_video_model_reads_the_finished_keyframes():
     "data, message",
     [
         ({"rate": 1.0}, "unknown key 'rate' for a video model"),
-        ({"keyframe_tokens": "clean"}, "'keyframe_tokens' must be one of"),
-        ({"keyframe_strength": 0}, "'keyframe_strength' must be a positive number"),
+        ({"keyframe_tokens": "clean"}, "keyframe_tokens='clean' must be one of"),
+        ({"keyframe_strength": 0}, "keyframe_strength=0 must be a positive number"),
         ({"guidance": -1}, "'guidance' must be a number >= 0"),
         ({"num_frames": 1}, "'num_frames' must be a whole number >= 2"),
         ({"steps": 2.5}, "'steps' must be a whole number >= 1"),
@@ -134,7 +134,7 @@ def test_video_story_uses_the_models_settings_and_the_options_win(monkeypatch, c
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--keyframe-tokens", "clean"], "keyframe tokens 'clean': choose noisy or finished"),
+        (["--keyframe-tokens", "clean"], "keyframe_tokens='clean' must be one of 'noisy' or 'finished'"),
         (["--backend", "flf2v", "--model", "tiny-random-flf2v", "--keyframe-tokens", "finished"],
          "keyframe tokens is a setting of --backend smp"),
     ],

@@ -91,6 +91,10 @@ def test_score_arm_scores_only_unspecified_attributes_for_identity():
     scores = score_arm([story], [panels])
     assert scores["identity_agreement"] == 1.0  # the shirt differs, but it was specified
     assert scores["prompt_alignment"] == 0.5  # ... and wrong in the second panel
+    assert scores["misaligned"] == {"pose": 0.0, "scene": 0.0, "attributes": 0.5}
+    panels[0]["pose"] = "sitting"
+    assert score_arm([story], [panels])["misaligned"] == {"pose": 0.5, "scene": 0.0, "attributes": 0.5}
+    panels[0]["pose"] = "jumping"
     assert set(scores["per_attribute"]) == set(story.unspecified)
     panels[1]["skin_tone"] = "dark"
     assert score_arm([story], [panels])["per_attribute"]["skin_tone"] == 0.0

@@ -166,6 +166,25 @@ def test_copy_attention_sources_attend_alone_and_readers_read_only_the_source(wi
     assert (loss is not None) == with_labels
 
 
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_copy_attention_strength_equals_repeating_the_source_tokens(with_labels):
+    """Strength 3 weights the lent tokens as if each were there three times; the source itself is unchanged."""
+    torch.manual_seed(1)
+    attn = Attention(query_dim=8, heads=2, dim_head=4).eval()
+    panels, tokens = 2, 5
+    hidden = torch.randn(panels, tokens, 8)
+    indices = torch.tensor([1, 3])
+    labels = torch.randint(-1, 3, (panels, tokens)) if with_labels else None
+    with torch.no_grad():
+        out, _ = wt.copy_attention(attn, hidden, panels, indices, labels, strength=3.0)
+        plain, _ = wt.copy_attention(attn, hidden, panels, indices, labels)
+        source, own = hidden[0], hidden[1]
+        repeated = _plain_attention(attn, own, torch.cat([own, source[indices].repeat(3, 1)]))
+    torch.testing.assert_close(out[1], repeated)
+    torch.testing.assert_close(out[0], plain[0])
+    assert not torch.allclose(out[1], plain[1])
+
+
 def test_grown_unet_starts_as_the_unet_it_grew_from():
     """Encoder attention added to a trained UNet starts as an identity: the same predictions."""
     small = wt.tiny_unet(0).eval()

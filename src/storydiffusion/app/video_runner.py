@@ -31,7 +31,7 @@ from storydiffusion.video.flf2v import FLF2VBackend
 from storydiffusion.video.pipeline import TransitionPipeline
 from storydiffusion.video.recommended import call_settings
 from storydiffusion.video.tiny_random_flf2v import TINY_RANDOM_FLF2V
-from storydiffusion.video.unet import KEYFRAME_SOURCES
+from storydiffusion.video.unet import keyframe_settings_problem
 from storydiffusion.world.models import TINY, resolve_video_model
 
 BACKENDS = ("smp", "flf2v")  # the transition step: our TransitionPipeline, or a diffusers first/last-frame one
@@ -56,14 +56,9 @@ class TransitionSettings:
             raise StoryDiffusionError(f"frames={self.num_frames}: a transition needs at least 2 frames (start and end)")
         if self.steps is not None and self.steps < 1:
             raise StoryDiffusionError(f"steps={self.steps} must be >= 1")
-        if self.keyframe_tokens is not None and self.keyframe_tokens not in KEYFRAME_SOURCES:
-            raise StoryDiffusionError(
-                f"keyframe tokens {self.keyframe_tokens!r}: choose {' or '.join(KEYFRAME_SOURCES)}"
-            )
-        if self.keyframe_strength is not None and not 0 < self.keyframe_strength < float("inf"):
-            raise StoryDiffusionError(
-                f"keyframe strength {self.keyframe_strength}: give a positive number (1: unweighted)"
-            )
+        problem = keyframe_settings_problem(self.keyframe_tokens, self.keyframe_strength)
+        if problem:
+            raise StoryDiffusionError(problem)
 
 
 def load_transition_pipeline(model: str = "tiny", device: str = "auto", dtype: str = "auto") -> TransitionPipeline:

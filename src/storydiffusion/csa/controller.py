@@ -159,6 +159,7 @@ class ConsistentAttention:
         self.read_masks: tuple[Mapping[str, torch.Tensor], ...] | None = None
         self._owner_cache: dict[int, torch.Tensor] = {}
         self.subject_maps: SubjectMaps | None = None  # inferring the read masks (`csa.subjects`)
+        self.lend_inside_masks = False  # a record phase given its subject masks: lend only inside `read_masks`
         # regional cross-attention (`csa.regions`): per image, the region masks and description token positions
         self.prompt_regions: (
             tuple[tuple[Mapping[str, torch.Tensor], ...], tuple[Mapping[str, Sequence[int]], ...]] | None
@@ -274,8 +275,11 @@ class ConsistentAttention:
         timesteps: Sequence[float],
         images_per_call: int,
         generator: torch.Generator,
-        bank: IdentityBank,
+        bank: IdentityBank | None,
         read_at_steps: int | None = None,
+        subject_tokens: Sequence[Mapping[str, Sequence[int]]] | None = None,
+        frame_shape: tuple[int, int] | None = None,
+        lend_masks: Sequence[Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         """Picture phase: each denoiser call's images (pictures of one character, noised) lend `rate` of their
         tokens to `bank`, as reference images would, while their own attention stays plain (no picture reads
@@ -285,7 +289,13 @@ class ConsistentAttention:
         one timestep), every layer records once and the entry serves each (step, layer) of a loop of that many
         steps where the CSA schedule runs (gates drawn as a reference phase draws them); without, the calls run
         the loop's own timesteps and record where the schedule's gates say, a step bank as a reference phase
-        writes."""
+        writes.
+
+        Subject-only pictures (`config.subject_only`) lend only tokens inside their subject masks: either
+        `lend_masks` (per image, character -> boolean mask, e.g. `inferred_subject_masks` of a first pass at a fixed
+        level, where one pass has no maps before its layers lend), or `subject_tokens` and `frame_shape`, from
+        which the masks are inferred as the calls run (each step's level in turn; nothing is lent until the
+        first maps exist). With `bank=None` nothing is recorded: a pass that only infers the masks."""
         self._begin("record", timesteps, images_per_call)
         self.generator = generator
         self.write_bank = bank
@@ -296,6 +306,23 @@ class ConsistentAttention:
             loop_gates = self.draw_gates(read_at_steps, generator)
             self.gates = {name: [True] * self.num_steps for name in self.layers}
             self.shared_steps = {name: [s for s, on in enumerate(row) if on] for name, row in loop_gates.items()}
+        if lend_masks is not None:
+            if len(lend_masks) != images_per_call:
+                raise StoryDiffusionError(
+                    f"got lend_masks for {len(lend_masks)} images, the call holds {images_per_call}"
+                )
+            self.read_masks, self.lend_inside_masks = tuple(lend_masks), True
+        elif subject_tokens is not None:
+            if frame_shape is None or len(subject_tokens) != images_per_call:
+                raise StoryDiffusionError("subject_tokens needs one mapping per image and the frame_shape")
+            self._start_subject_maps(subject_tokens, frame_shape)
+
+    def inferred_subject_masks(self) -> list[dict[str, torch.Tensor]]:
+        """The subject masks inferred so far in this phase (per image, character -> boolean mask at the finest
+        grid seen); empty mappings where no map was recorded."""
+        if self.subject_maps is None:
+            raise StoryDiffusionError("no subject maps are being inferred in this phase (begin it with subject_tokens)")
+        return self.subject_maps.masks(self.config.mask_dilation)
 
     def begin_read(
         self,
@@ -449,7 +476,7 @@ class ConsistentAttention:
         return indices
 
     def _draw_indices(self, num_images: int, num_tokens: int, rate: float) -> torch.Tensor | None:
-        if self.subject_maps is None:
+        if self.subject_maps is None and not self.lend_inside_masks:
             num_samples = num_sampled_tokens(num_tokens, rate)
             return self.sample_indices(num_images, num_tokens, num_samples) if num_samples else None
         inside = torch.zeros(num_images, num_tokens, dtype=torch.bool)  # (B, N): in the image's subject mask

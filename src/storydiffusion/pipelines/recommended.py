@@ -31,7 +31,17 @@ RECOMMENDED_FILE = "storydiffusion.json"
 # the generation defaults of a model without the file: the public StoryDiffusion code's
 PAPER_DEFAULTS = {"steps": 50, "guidance": 5.0, "id_length": 3}
 GENERATION_KEYS = ("steps", "guidance", "width", "height", "id_length")
-CSA_KEYS = ("rate", "layers", "schedule", "bank_from", "reference_noise", "reference_strength", "subject_masks")
+CSA_KEYS = (
+    "rate",
+    "layers",
+    "schedule",
+    "bank_from",
+    "reference_noise",
+    "reference_strength",
+    "subject_masks",
+    "subject_only",
+    "mask_dilation",
+)
 NOTE_KEYS = ("measured", "note")  # free text for people: how the settings were chosen
 
 

@@ -538,26 +538,55 @@ class StoryPipeline:
         loop = self.denoising_timesteps(common["num_inference_steps"], height, width)
         sampler = torch.Generator().manual_seed(sampler_seed)
         level = self.csa.config.reference_noise
-        if level == "step":
-            self.csa.begin_record(loop, count, sampler, bank)
-            passes = list(loop)
-        else:
-            passes = [fixed_level_timestep(float(level), self.pipe.scheduler, flow)]
-            self.csa.begin_record(passes, count, sampler, bank, read_at_steps=len(loop))
         infos = [FrameInfo(i, description, negative_prompt, 0, (bank.character,), "reference") for i in range(count)]
+        subjects = self.reference_subject_tokens(infos, bank.character, {bank.character: description})
+        latent_size = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
         call = {**common, "num_inference_steps": 1, "output_type": "latent"}
         controls = None
         if is_controlnet_pipeline(self.pipe):  # the picture is the content: no control, at any image's shape
             call["controlnet_conditioning_scale"] = 0.0
             if control_images is not None:
                 controls = [control_images[0]] * count
-        scale = self.csa.timestep_scale  # Flux's pipeline hands its transformer t / 1000
-        for timestep in passes:
+
+        def run(timestep: float) -> None:
             sample = noised(latents, noise, timestep, self.pipe.scheduler, flow)
             if self.kind == "flux":
                 sample = self.pipe._pack_latents(sample, count, *sample.shape[1:])
-            with denoiser_input(self.denoiser, sample, timestep, scale):
+            with denoiser_input(self.denoiser, sample, timestep, self.csa.timestep_scale):
                 self._generate(list(range(count)), infos, [None] * count, call, None, controls)
+
+        if level == "step":  # subject masks, if any, are inferred as the steps run (as a reference phase does)
+            self.csa.begin_record(loop, count, sampler, bank, subject_tokens=subjects, frame_shape=latent_size)
+            for timestep in loop:
+                run(timestep)
+            return
+        timestep = fixed_level_timestep(float(level), self.pipe.scheduler, flow)
+        masks = None
+        if subjects is not None:  # one pass cannot lend from masks it is still inferring: a first pass finds them
+            self.csa.begin_record([timestep], count, torch.Generator().manual_seed(sampler_seed), None,
+                                  subject_tokens=subjects, frame_shape=latent_size)  # fmt: skip
+            run(timestep)
+            masks = self.whole_where_empty(self.csa.inferred_subject_masks(), bank.character, latent_size)
+        self.csa.begin_record([timestep], count, sampler, bank, read_at_steps=len(loop), lend_masks=masks)
+        run(timestep)
+
+    @staticmethod
+    def whole_where_empty(
+        masks: Sequence[Mapping[str, torch.Tensor]], name: str, latent_size: tuple[int, int]
+    ) -> list[dict[str, torch.Tensor]]:
+        """Subject masks with an empty (or missing) one replaced by the whole picture, said in a warning: a
+        picture whose subject was not found still lends, rather than leaving a bank that holds nothing."""
+        out = []
+        for index, image_masks in enumerate(masks):
+            mask = image_masks.get(name)
+            if mask is None or not bool(mask.any()):
+                logger.warning(
+                    "subject_only: no subject found in picture %d of %r (its description draws no attention); "
+                    "it lends from the whole picture", index + 1, name,
+                )  # fmt: skip
+                mask = torch.ones(latent_size, dtype=torch.bool)
+            out.append({name: mask})
+        return out
 
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod

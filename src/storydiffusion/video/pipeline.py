@@ -39,11 +39,11 @@ from storydiffusion.video.recommended import (
 )
 from storydiffusion.video.smp import SemanticMotionPredictor
 from storydiffusion.video.unet import (
-    KEYFRAME_SOURCES,
     KeyframeTokens,
     frame_encoder_states,
     is_transition_unet,
     keyframe_condition,
+    keyframe_settings_problem,
     semantic_map,
     use_keyframe_attention,
 )
@@ -273,10 +273,9 @@ class TransitionPipeline(DiffusionPipeline):
         starts, ends = _as_list(start_image), _as_list(end_image)
         prompts = [prompt] * len(starts) if isinstance(prompt, str) else list(prompt)
         self.check_inputs(starts, ends, prompts, num_frames, motion, output_type)
-        if keyframe_tokens not in KEYFRAME_SOURCES:
-            raise ValueError(f"keyframe_tokens={keyframe_tokens!r} must be one of {KEYFRAME_SOURCES}")
-        if not (isinstance(keyframe_strength, int | float) and 0 < keyframe_strength < float("inf")):
-            raise ValueError(f"keyframe_strength={keyframe_strength!r} must be a positive number (1: unweighted)")
+        problem = keyframe_settings_problem(keyframe_tokens, keyframe_strength)
+        if problem:
+            raise ValueError(problem)
         batch, device = len(starts), self._execution_device
         if negative_prompt is None or isinstance(negative_prompt, str):
             negatives = [negative_prompt or ""] * batch

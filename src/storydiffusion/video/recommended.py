@@ -23,7 +23,7 @@ from typing import Any
 
 from storydiffusion.errors import StoryDiffusionError
 from storydiffusion.pipelines.recommended import NOTE_KEYS, read_settings_file, write_settings_file
-from storydiffusion.video.unet import KEYFRAME_SOURCES
+from storydiffusion.video.unet import keyframe_settings_problem
 
 # a TransitionPipeline call's defaults where neither the caller nor the model's file sets a value
 CALL_DEFAULTS = {"num_frames": 8, "steps": 25, "guidance": 1.0, "keyframe_tokens": "noisy", "keyframe_strength": 1.0}
@@ -50,23 +50,20 @@ class VideoRecommendedSettings:
                 allowed = ", ".join((*CALL_DEFAULTS, *NOTE_KEYS))
                 raise StoryDiffusionError(f"{source}: unknown key {key!r} for a video model; allowed: {allowed}")
         values: dict[str, Any] = {}
-        tokens = data.get("keyframe_tokens")
+        tokens, strength = data.get("keyframe_tokens"), data.get("keyframe_strength")
+        problem = keyframe_settings_problem(tokens, strength)
+        if problem:
+            raise StoryDiffusionError(f"{source}: {problem}")
         if tokens is not None:
-            if tokens not in KEYFRAME_SOURCES:
-                raise StoryDiffusionError(
-                    f"{source}: 'keyframe_tokens' must be one of {KEYFRAME_SOURCES}, got {tokens!r}"
-                )
             values["keyframe_tokens"] = tokens
-        for key in ("keyframe_strength", "guidance"):
-            value = data.get(key)
-            if value is None:
-                continue
-            number = not isinstance(value, bool) and isinstance(value, int | float) and value < float("inf")
-            if key == "keyframe_strength" and not (number and value > 0):
-                raise StoryDiffusionError(f"{source}: 'keyframe_strength' must be a positive number, got {value!r}")
-            if key == "guidance" and not (number and value >= 0):
-                raise StoryDiffusionError(f"{source}: 'guidance' must be a number >= 0 (1: off), got {value!r}")
-            values[key] = float(value)
+        if strength is not None:
+            values["keyframe_strength"] = float(strength)
+        guidance = data.get("guidance")
+        if guidance is not None:
+            number = not isinstance(guidance, bool) and isinstance(guidance, int | float) and guidance < float("inf")
+            if not (number and guidance >= 0):
+                raise StoryDiffusionError(f"{source}: 'guidance' must be a number >= 0 (1: off), got {guidance!r}")
+            values["guidance"] = float(guidance)
         for key, least in (("num_frames", 2), ("steps", 1)):
             value = data.get(key)
             if value is None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +163,18 @@ def is_transition_unet(unet: nn.Module, map_channels: int = 0) -> bool:
 
 
 KEYFRAME_SOURCES = ("noisy", "finished")
+
+
+def keyframe_settings_problem(tokens: Any = None, strength: Any = None) -> str | None:
+    """What is wrong with a keyframe_tokens / keyframe_strength pair (None: unset, not checked), or None: the one
+    check behind the pipeline's call, the video settings file and the command line."""
+    if tokens is not None and tokens not in KEYFRAME_SOURCES:
+        return f"keyframe_tokens={tokens!r} must be one of {' or '.join(map(repr, KEYFRAME_SOURCES))}"
+    if strength is not None:
+        number = not isinstance(strength, bool) and isinstance(strength, int | float)
+        if not (number and 0 < strength < float("inf")):
+            return f"keyframe_strength={strength!r} must be a positive number (1: unweighted)"
+    return None
 
 
 @dataclass

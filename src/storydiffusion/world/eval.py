@@ -25,7 +25,7 @@ Scores per arm (the attribute classifier, `world_classifier`, reads every panel)
   alignment instead: the model is told them, agreeing on them proves nothing.
 - prompt alignment: the fraction of panels whose classified pose, scene and specified attributes
   all match the prompt (a hair colour the drawing hides -- bald, or short hair under a hat -- is not
-  checked).
+  checked); `misaligned` splits the misses: shares of panels with the wrong pose, scene, named attribute.
 - CLIP-I (mean pairwise image-embedding cosine within a story) and CLIP-T (image vs its prompt),
   with any CLIPModel (`ClipScorer`); the tiny world's own CLIP by default.
 
@@ -211,19 +211,28 @@ def score_arm(stories: Sequence[EvalStory], predictions: Sequence[Sequence[Mappi
     """Identity agreement (mean and per attribute) and prompt alignment over story runs.
 
     One entry per run: `stories[k]` is the story of run k (a story run with several seeds appears
-    once per seed) and `predictions[k]` its classified panels, in frame order.
+    once per seed) and `predictions[k]` its classified panels, in frame order. `misaligned` says what the
+    panels got wrong: the share of panels with the wrong pose, the wrong scene, a wrong named attribute.
     """
     per_attribute: dict[str, list[float]] = {name: [] for name in SCORED_IDENTITY}
     aligned: list[bool] = []
+    wrong: dict[str, list[bool]] = {"pose": [], "scene": [], "attributes": []}
     for story, panels in zip(stories, predictions):
         for name in story.unspecified:
             per_attribute[name].append(story_agreement(panels, name))
-        aligned += [panel_aligned(p, t, story.specified) for p, t in zip(panels, story.truths)]
+        for prediction, truth in zip(panels, story.truths):
+            aligned.append(panel_aligned(prediction, truth, story.specified))
+            wrong["pose"].append(prediction.get("pose") != truth.pose)
+            wrong["scene"].append(prediction.get("scene") != truth.scene)
+            right_attributes = panel_aligned({**prediction, "pose": truth.pose, "scene": truth.scene}, truth,
+                                             story.specified)  # fmt: skip
+            wrong["attributes"].append(not right_attributes)
     means = {name: float(np.mean(values)) for name, values in per_attribute.items() if values}
     return {
         "identity_agreement": float(np.mean(list(means.values()))) if means else float("nan"),
         "prompt_alignment": float(np.mean(aligned)) if aligned else float("nan"),
         "per_attribute": means,
+        "misaligned": {part: float(np.mean(values)) if values else float("nan") for part, values in wrong.items()},
     }
 
 
@@ -276,6 +285,7 @@ class ArmRuns:
             "clip_i": float(np.mean(self.clip_i)),
             "clip_t": float(np.mean(self.clip_t)),
             "per_attribute": scores["per_attribute"],
+            "misaligned": scores["misaligned"],
         }
 
 

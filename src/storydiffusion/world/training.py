@@ -521,6 +521,7 @@ class JointPanelAttnProcessor:
         self.panels = 1
         self.rate = 1.0
         self.copy = False
+        self.strength = 1.0  # copy groups: the source's tokens weighted this much in the readers' softmax
         self.generator: torch.Generator | None = None
         self.part_labels: dict[int, torch.Tensor] | None = None
         self.part_losses: list[torch.Tensor] = []
@@ -533,7 +534,7 @@ class JointPanelAttnProcessor:
         labels = self.part_labels.get(num_tokens) if self.part_labels else None
         if self.copy:
             indices = sample_token_indices(1, num_tokens, num_samples, self.generator).to(hidden_states.device)
-            out, loss = copy_attention(attn, hidden_states, self.panels, indices[0], labels)
+            out, loss = copy_attention(attn, hidden_states, self.panels, indices[0], labels, self.strength)
             if loss is not None:
                 self.part_losses.append(loss)
             return out
@@ -583,12 +584,20 @@ def attention_with_part_loss(
 
 
 def copy_attention(
-    attn, tokens: torch.Tensor, panels: int, indices: torch.Tensor, labels: torch.Tensor | None = None
+    attn,
+    tokens: torch.Tensor,
+    panels: int,
+    indices: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Self-attention in which each group's first panel is a *source* the others copy from: tokens
     (G * P, N, C), group-major; indices (k,) the source tokens lent. The source attends to itself only (plain
     self-attention, as a picture's tokens are recorded alone); every other panel attends to its own tokens plus
     the source's tokens at `indices` (never to its siblings: at use each frame reads a bank, not the others).
+
+    `strength` weights the source's tokens in the readers' softmax (a log-strength logit bias), as a pipeline
+    reads a bank with `CSAConfig.reference_strength`: training at the strength the model is read at.
 
     With `labels` (G * P, N) part labels the probabilities are explicit and the part-matching loss of the
     readers' attention over the source tokens is returned too (`part_matching_loss`); else (out, None).
@@ -607,13 +616,16 @@ def copy_attention(
     reader[:, 0] = False
     visible = torch.ones(batch, 1, 1, num_tokens + len(indices), dtype=torch.bool, device=tokens.device)
     visible[:, 0, 0, num_tokens:] = reader.flatten()[:, None]  # a source never sees its own lent copy
+    bias = torch.zeros(visible.shape, dtype=query.dtype, device=tokens.device)
+    bias[..., num_tokens:] = math.log(strength)
+    bias = bias.masked_fill(~visible, float("-inf"))
     heads = attn.heads
     q, k, v = heads_first(query, heads), heads_first(key, heads), heads_first(value, heads)
     if labels is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=attn.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
         loss = None
     else:
-        logits = (q @ k.transpose(-1, -2) * attn.scale).masked_fill(~visible, float("-inf"))
+        logits = q @ k.transpose(-1, -2) * attn.scale + bias
         probs = logits.softmax(-1)  # (G*P, h, N, N + k)
         out = probs @ v
         readers = reader.flatten()
