@@ -27,7 +27,7 @@ from storydiffusion.world.eval import EvalSettings, default_stories, evaluate
 from storydiffusion.world.models import TINY, resolve_clip, resolve_model
 from storydiffusion.world.picture_eval import evaluate_pictures
 
-CANDIDATES = {  # changes to the file's CSA settings
+CANDIDATES = {  # changes to the file's CSA settings (and its generation defaults: "guidance", "steps")
     "steps_w1": {"bank_from": "steps", "reference_strength": 1.0},
     "steps_w4": {"bank_from": "steps", "reference_strength": 4.0},
     "sequential_w4": {"bank_from": "sequential", "reference_noise": 0.0, "reference_strength": 4.0},
@@ -61,6 +61,12 @@ CANDIDATES = {  # changes to the file's CSA settings
         "reference_strength": 4.0,
         "layers": ["up_blocks.*"],
     },
+    # the references read partly noised: less of their drawn detail (and its slips) to copy
+    "sequential_w4_noise10": {"bank_from": "sequential", "reference_noise": 0.1, "reference_strength": 4.0},
+    "sequential_w4_noise25": {"bank_from": "sequential", "reference_noise": 0.25, "reference_strength": 4.0},
+    # a stronger prompt against the pull of the references
+    "sequential_w4_g6": {"bank_from": "sequential", "reference_noise": 0.0, "reference_strength": 4.0, "guidance": 6.0},
+    "sequential_w4_g8": {"bank_from": "sequential", "reference_noise": 0.0, "reference_strength": 4.0, "guidance": 8.0},
     "sequential_w4_no_mid": {
         "bank_from": "sequential",
         "reference_noise": 0.0,
@@ -123,8 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown candidates {unknown}; choose from {sorted(CANDIDATES)}")
     for name in names:
-        change = CANDIDATES[name]
-        candidate = dataclasses.replace(recommended, csa={**recommended.csa, **change})
+        change = dict(CANDIDATES[name])
+        generation = {key: change.pop(key) for key in ("guidance", "steps") if key in change}
+        candidate = dataclasses.replace(recommended, csa={**recommended.csa, **change}, **generation)
         settings = EvalSettings(seeds=seeds, recommended=candidate)
         stories = default_stories(args.count)
         if args.pictures:

@@ -132,6 +132,13 @@ def parse_args() -> argparse.Namespace:
         "(as `CSAConfig.reference_strength` reads a bank); the picture signal reads at the largest",
     )
     p.add_argument(
+        "--drawn-sources",
+        type=float,
+        default=0.0,
+        help="share of copy groups whose source is a drawn panel, not a render: the EMA model's clean prediction "
+        "from the source noised to t in [150, 400) (as a story's references are drawn, with their slips)",
+    )
+    p.add_argument(
         "--encoder-attention",
         action="store_true",
         help="attention in the 16x16 encoder block too (wt.ENCODER_ATTENTION_BLOCKS); grown from --init",
@@ -234,6 +241,22 @@ def copy_timesteps(num_groups: int, per_group: int, source_max_t: int, generator
     timesteps = torch.randint(0, 1000, (num_groups * per_group,), generator=generator)
     timesteps[::per_group] = torch.randint(0, source_max_t, (num_groups,), generator=generator)
     return timesteps
+
+
+@torch.no_grad()
+def drawn_sources(ema, ema_joint, scheduler, latents, text, per_group: int, generator) -> torch.Tensor:
+    """`latents` with each group's first panel (a copy group's source) replaced by what the EMA model draws back
+    from it noised to t in [150, 400): a panel as a story's reference is, drawn, not rendered."""
+    sources = latents[::per_group]
+    timesteps = torch.randint(150, 400, (len(sources),), generator=generator).to(latents.device)
+    noise = torch.randn(sources.shape, generator=generator).to(latents.device)
+    noisy = scheduler.add_noise(sources, noise, timesteps)
+    for processor in ema_joint:
+        processor.panels, processor.copy, processor.part_labels = 1, False, None
+    velocity = ema(noisy, timesteps, text[::per_group]).sample
+    out = latents.clone()
+    out[::per_group] = wt.clean_from_velocity(scheduler, noisy, velocity, timesteps)
+    return out
 
 
 def group_timesteps(num_groups: int, per_group: int, clean_sibling: bool, generator: torch.Generator) -> torch.Tensor:
@@ -465,6 +488,8 @@ def main() -> None:
             timesteps = group_timesteps(num_groups, per_group, rng.random() < args.clean_sibling, generator)
         noise = torch.randn(batch.latents.shape, generator=generator)  # drawn on the CPU: the same run on any device
         latents, timesteps, noise = (t.to(args.device) for t in (batch.latents, timesteps, noise))
+        if copy_group and args.drawn_sources > 0 and rng.random() < args.drawn_sources:
+            latents = drawn_sources(ema, ema_joint, noise_scheduler, latents, text, per_group, generator)
         parts = {n: labels.to(args.device) for n, labels in batch.parts.items()}
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         rate = rng.choice((0.5, 0.75, 1.0))
