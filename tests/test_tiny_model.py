@@ -83,8 +83,11 @@ def test_eval_end_to_end_on_a_reduced_set(monkeypatch, capsys, tmp_path):
     arms = ("baseline", "shared_noise", "csa", "csa_shared_noise", "csa_finished", "csa_sequential", "recommended")
     for arm in arms:  # recommended: the shipped model's storydiffusion.json
         scores = printed[arm]
-        assert set(scores) == {"identity_agreement", "prompt_alignment", "clip_i", "clip_t", "per_attribute"}
+        keys = {"identity_agreement", "prompt_alignment", "clip_i", "clip_t", "per_attribute", "misaligned"}
+        assert set(scores) == keys
         assert 0.0 <= scores["identity_agreement"] <= 1.0 and 0.0 <= scores["prompt_alignment"] <= 1.0
+        missed, parts = 1.0 - scores["prompt_alignment"], scores["misaligned"].values()
+        assert max(parts) - 1e-9 <= missed <= sum(parts) + 1e-9  # a misaligned panel misses at least one part
         assert -1.0 <= scores["clip_t"] <= 1.0
     assert 0.0 <= printed["within_strip_agreement"] <= 1.0
     assert printed["stories"] == 2 and printed["seeds"] == [0]
