@@ -46,25 +46,7 @@ def test_picture_bank_holds_the_tokens_a_reference_with_that_latent_would_leave(
     layers = {layer for _, layer in bank.keys()}
     assert bank.stored_entries == len(layers) and len(bank) == 3 * len(layers)  # one entry per layer, all steps
 
-    pixels = images_as_pixels([picture()])
-    latents = sd_pipe.vae.encode(pixels).latent_dist.mode() * sd_pipe.vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(derived_seed(5, 2, 0)))
-    timestep = torch.tensor([round(level * 999)])
-    noisy = DDPMScheduler.from_config(sd_pipe.scheduler.config).add_noise(latents, noise, timestep)
-    text, negative = sd_pipe.encode_prompt(CHARACTERS["Mia"], "cpu", 1, True, "")
-    seen = {}
-
-    def keep(name, module, args, kwargs):
-        seen[name] = args[0]
-
-    modules = dict(sd_pipe.unet.named_modules())
-    hooks = [modules[name].register_forward_pre_hook(partial(keep, name), with_kwargs=True) for name in layers]
-    try:
-        with torch.no_grad():
-            sd_pipe.unet(torch.cat([noisy] * 2), timestep, encoder_hidden_states=torch.cat([negative, text]))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    seen = _picture_layer_inputs(sd_pipe, layers, level, derived_seed(5, 2, 0))
     for layer in layers:
         stored = bank.get(1, layer, torch.float32, torch.device("cpu"), 2)  # (halves, N, C)
         torch.testing.assert_close(stored, seen[layer], atol=1e-4, rtol=1e-4)
